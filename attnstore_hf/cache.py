@@ -1,0 +1,304 @@
+"""AttentionStoreCache: the working KV cache on the compute device, with pre-RoPE keys kept for saving."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from .errors import NotPatchedError, UnsupportedModelError
+from .patching import ModelPatch, patch_model
+from .rope import apply_rope
+
+#: The working cache grows its buffers by at least this many tokens (then doubling): no copy per decode step.
+MIN_GROWTH = 256
+
+
+class ChunkedLayer(DynamicLayer):
+    """A full-attention layer whose keys, values and pre-RoPE keys live in buffers grown in chunks.
+
+    ``DynamicLayer`` concatenates the whole history at every step (O(n^2) bytes copied over a reply); this layer
+    writes new tokens in place and grows geometrically (amortised O(n)). ``keys``/``values`` are views.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self._k = self._v = self._rk = None
+        self._len = 0
+        self._raw_len = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device = key_states.device
+        b, h, _, d = key_states.shape
+        self._k = key_states.new_empty((b, h, 0, d))
+        self._v = value_states.new_empty((b, value_states.shape[1], 0, value_states.shape[-1]))
+        self._rk = key_states.new_empty((b, h, 0, d))
+        self.keys, self.values = self._k, self._v
+        self.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        cap = self._k.shape[-2]
+        if needed <= cap:
+            return
+        new_cap = max(needed, cap * 2, cap + MIN_GROWTH)
+
+        def grow(buf, used):
+            b, h, _, d = buf.shape
+            out = buf.new_empty((b, h, new_cap, d))
+            out[:, :, :used] = buf[:, :, :used]
+            return out
+
+        self._k = grow(self._k, self._len)
+        self._v = grow(self._v, self._len)
+        self._rk = grow(self._rk, self._raw_len)
+
+    def _sync_views(self) -> None:
+        self.keys = self._k[:, :, : self._len]
+        self.values = self._v[:, :, : self._len]
+
+    def update(self, key_states, value_states, *args, raw_keys=None, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self._reserve(self._len + n)
+        self._k[:, :, self._len : self._len + n] = key_states
+        self._v[:, :, self._len : self._len + n] = value_states
+        if raw_keys is not None and self._raw_len == self._len:
+            self._rk[:, :, self._raw_len : self._raw_len + n] = raw_keys
+            self._raw_len += n
+        self._len += n
+        self._sync_views()
+        return self.keys, self.values
+
+    def restore(self, keys, values, raw_keys) -> None:
+        """Start from restored state: ``keys`` already rotated for their positions, ``raw_keys`` pre-RoPE."""
+        self.lazy_initialization(keys, values)
+        self._len = self._raw_len = 0
+        self._reserve(keys.shape[-2])
+        n = keys.shape[-2]
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self._rk[:, :, :n] = raw_keys
+        self._len = self._raw_len = n
+        self._sync_views()
+
+    def get_seq_length(self) -> int:
+        return self._len
+
+    def raw_state(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(pre-RoPE keys, values, first position) of every token this layer holds."""
+        if self._raw_len != self._len:
+            raise NotPatchedError("pre-RoPE keys are missing for some tokens: was the model patched during the forward?")
+        return self._rk[:, :, : self._len], self._v[:, :, : self._len], 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop with a positive value is not supported; pass a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self._len = max(0, self._len + tokens_to_remove)
+        self._raw_len = min(self._raw_len, self._len)
+        self._sync_views()
+
+    def reset(self) -> None:
+        self._k = self._v = self._rk = None
+        self._len = self._raw_len = 0
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def _apply_batch(self, fn) -> None:
+        if self.is_initialized:
+            self._k, self._v, self._rk = fn(self._k), fn(self._v), fn(self._rk)
+            self._sync_views()
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        self._apply_batch(lambda t: t[indices, ...])
+
+    def offload(self):
+        self._apply_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self._k.device != self.device:
+            self._apply_batch(lambda t: t.to(self.device, non_blocking=True))
+
+
+class SlidingLayer(DynamicSlidingWindowLayer):
+    """transformers' own sliding-window layer (same masks, same window), plus the pre-RoPE keys of its window."""
+
+    def __init__(self, sliding_window: int, **kwargs):
+        super().__init__(sliding_window=sliding_window)
+        self.raw_keys: torch.Tensor | None = None
+        self._raw_ok = True
+
+    def update(self, key_states, value_states, *args, raw_keys=None, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        if raw_keys is None or not self._raw_ok:
+            self._raw_ok = False
+        else:
+            prev = self.raw_keys if self.raw_keys is not None else raw_keys[:, :, :0]
+            self.raw_keys = self._align(torch.cat([prev, raw_keys], dim=-2), self.cumulative_length)
+        return out
+
+    def _align(self, raw: torch.Tensor, raw_end: int) -> torch.Tensor:
+        """Slice ``raw`` (ending at absolute position ``raw_end``) to the positions ``self.keys`` covers."""
+        n = self.keys.shape[-2]
+        start = (self.cumulative_length - n) - (raw_end - raw.shape[-2])
+        return raw[:, :, start : start + n]
+
+    def restore(self, keys, values, raw_keys, cumulative_length: int) -> None:
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.raw_keys = keys, values, raw_keys
+        self.cumulative_length = cumulative_length
+        self._raw_ok = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        end_before = self.cumulative_length
+        super().crop(tokens_to_remove)
+        if self.raw_keys is not None and self.keys is not None:
+            self.raw_keys = self._align(self.raw_keys, end_before)
+
+    def reset(self) -> None:
+        super().reset()
+        self.raw_keys = None
+        self._raw_ok = True
+
+    def raw_state(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if not self._raw_ok or (self.raw_keys is None and self.cumulative_length):
+            raise NotPatchedError("pre-RoPE keys are missing for some tokens: was the model patched during the forward?")
+        n = min(self.keys.shape[-2], self.sliding_window - 1)
+        return self.raw_keys[:, :, -n:] if n else self.raw_keys[:, :, :0], self.values[:, :, self.values.shape[-2] - n :], self.cumulative_length - n
+
+    def _apply_batch(self, fn) -> None:
+        if self.raw_keys is not None:
+            self.raw_keys = fn(self.raw_keys)
+
+    def reorder_cache(self, beam_idx) -> None:
+        super().reorder_cache(beam_idx)
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        super().batch_select_indices(indices)
+        self._apply_batch(lambda t: t[indices, ...])
+
+
+def _layers_for(model) -> list:
+    """One working layer per decoder layer, mirroring the layer kinds transformers' DynamicCache would pick."""
+    reference = DynamicCache(config=model.config)
+    if not reference.layers:
+        return []
+    layers = []
+    for i, ref in enumerate(reference.layers):
+        if isinstance(ref, DynamicSlidingWindowLayer):
+            layers.append(SlidingLayer(sliding_window=ref.sliding_window))
+        elif type(ref) is DynamicLayer:
+            layers.append(ChunkedLayer())
+        else:
+            raise UnsupportedModelError(f"layer {i} needs a {type(ref).__name__} cache, which attnstore-hf does not support")
+    return layers
+
+
+class AttentionStoreCache(Cache):
+    """A transformers ``Cache`` that keeps pre-RoPE keys so a conversation can be stored and restored exactly.
+
+    Use it as ``model.generate(input_ids, past_key_values=cache)``; get one from
+    :meth:`AttentionStore.cache_for`, which restores what the store holds for the session. Attributes:
+
+    * ``reused_tokens`` — prompt tokens restored rather than prefilled.
+    * ``prefix_ids`` — the token ids whose KV was restored (a prefix of the ``input_ids`` it was built for).
+    * ``input_ids`` — the ids to hand to ``generate()``.
+    """
+
+    def __init__(self, model, *, session_id: str | None = None):
+        self._patch: ModelPatch = patch_model(model)
+        layers = _layers_for(model)
+        if layers:
+            super().__init__(layers=layers)
+        else:
+            super().__init__(layer_class_to_replicate=ChunkedLayer)
+        self.session_id = session_id
+        self.reused_tokens = 0
+        self.prefix_ids: list[int] = []
+        self.input_ids: torch.Tensor | None = None
+        self.source: str | None = None  # tier the restored record came from ("dram", "disk") or None
+        self.load_seconds = 0.0
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        raw = self._patch.take(layer_idx)
+        if raw is not None and raw.shape != key_states.shape:
+            raw = None
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class_to_replicate())
+        return self.layers[layer_idx].update(key_states, value_states, *args, raw_keys=raw, **kwargs)
+
+    def raw_layers(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Per layer: (pre-RoPE keys, values, absolute position of the first token held)."""
+        return [layer.raw_state() for layer in self.layers]
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return ["sliding" if isinstance(layer, SlidingLayer) else "full" for layer in self.layers]
+
+    def __repr__(self):
+        return (f"AttentionStoreCache(session_id={self.session_id!r}, seq_length={self.get_seq_length()}, "
+                f"reused_tokens={self.reused_tokens}, layers={len(self.layers)})")
+
+
+def reusable_length(record, cache: AttentionStoreCache, input_ids: list[int]) -> int:
+    """How many leading tokens of ``input_ids`` can be restored from ``record`` (0 = miss).
+
+    The longest common prefix of the record's ids and ``input_ids``, at most ``len(input_ids) - 1`` (generate()
+    must prefill at least one token), and only if every sliding layer still holds the window that prefix needs.
+    """
+    stored = record.token_ids
+    n = min(len(stored), len(input_ids) - 1)
+    r = 0
+    while r < n and stored[r] == input_ids[r]:
+        r += 1
+    if len(record.layers) != len(cache.layers):
+        return 0
+    for lay, work in zip(record.layers, cache.layers):
+        if isinstance(work, SlidingLayer):
+            need_from = max(0, r - (work.sliding_window - 1))
+            if need_from < lay.start:
+                return 0
+        elif lay.start != 0 or lay.kind != "full":
+            return 0
+    return r
+
+
+@torch.no_grad()
+def restore(cache: AttentionStoreCache, model, record, reuse: int, total_len: int) -> None:
+    """Fill ``cache`` with the first ``reuse`` tokens of ``record``, keys re-rotated for their positions."""
+    adapter = cache._patch.adapter
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    tables: dict = {}
+    for i, (lay, work) in enumerate(zip(record.layers, cache.layers)):
+        if isinstance(work, SlidingLayer):
+            first = max(0, reuse - (work.sliding_window - 1))
+        else:
+            first = 0
+        a, b = first - lay.start, reuse - lay.start
+        raw = lay.keys[:, :, a:b].to(device=device, dtype=dtype, non_blocking=True)
+        values = lay.values[:, :, a:b].to(device=device, dtype=dtype, non_blocking=True)
+        ltype = adapter.layer_type(model, i)
+        if ltype not in tables:
+            full = torch.arange(total_len, device=device).unsqueeze(0)
+            tables[ltype] = adapter.rope_tables(model, i, full, dtype, device)
+        cos, sin = tables[ltype]
+        keys = apply_rope(raw, cos[:, first:reuse], sin[:, first:reuse])
+        if isinstance(work, SlidingLayer):
+            work.restore(keys, values, raw, cumulative_length=reuse)
+        else:
+            work.restore(keys, values, raw)
+    cache.reused_tokens = reuse

@@ -1,0 +1,91 @@
+"""StoreConfig: capacities, directories, namespace and policies of an AttentionStore."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(value: int | float | str | None, name: str = "size") -> int | None:
+    """Parse a byte size: an int, or a string like ``"2GB"``, ``"512 MiB"`` or ``"1.5gb"``. ``None`` means unbounded."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number of bytes or a string like '2GB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(
+        f"{name}={value!r} is not a size: use an int number of bytes or a string such as '512MB', '2GB' or '1GiB'"
+    )
+
+
+def default_disk_dir() -> Path:
+    """``$ATTNSTORE_HF_HOME/sessions`` or ``~/.cache/attnstore_hf/sessions``."""
+    return cache_home() / "sessions"
+
+
+def cache_home() -> Path:
+    """Where attnstore-hf keeps converted models and session records (``$ATTNSTORE_HF_HOME`` overrides)."""
+    env = os.environ.get("ATTNSTORE_HF_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "attnstore_hf"
+
+
+@dataclass
+class StoreConfig:
+    """Configuration of an :class:`~attnstore_hf.AttentionStore`.
+
+    Args:
+        dram_bytes: capacity of the host-memory tier (int bytes or ``"2GB"``). ``None`` = unbounded.
+        disk_dir: directory of the disk tier. ``None`` disables the disk tier (records then live only in DRAM).
+            The string ``"default"`` means :func:`default_disk_dir`.
+        disk_bytes: capacity of the disk tier. ``None`` = unbounded.
+        namespace: tenant name. Records of one namespace are never served to another.
+        write_policy: ``"write_through"`` (every save is also written to disk, in the background) or
+            ``"write_back"`` (written to disk only when evicted from DRAM or at ``close()``).
+        storage_dtype: dtype records are kept in; ``None`` keeps the model's dtype (exact reuse).
+        save_workers: background threads writing records to disk.
+    """
+
+    dram_bytes: int | str | None = "2GB"
+    disk_dir: str | os.PathLike | None = None
+    disk_bytes: int | str | None = "20GB"
+    namespace: str = "default"
+    write_policy: str = "write_through"
+    storage_dtype: str | None = None
+    save_workers: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dram_bytes = parse_size(self.dram_bytes, "dram_bytes")
+        self.disk_bytes = parse_size(self.disk_bytes, "disk_bytes")
+        if self.disk_dir == "default":
+            self.disk_dir = default_disk_dir()
+        if self.disk_dir is not None:
+            self.disk_dir = Path(self.disk_dir).expanduser()
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise ConfigError(f"namespace must be a non-empty string, got {self.namespace!r}")
+        if self.write_policy not in ("write_through", "write_back"):
+            raise ConfigError(f"write_policy must be 'write_through' or 'write_back', got {self.write_policy!r}")
+        if self.storage_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(
+                f"storage_dtype must be None (the model's dtype), 'float32', 'float16' or 'bfloat16', "
+                f"got {self.storage_dtype!r}"
+            )
+        if self.save_workers < 1:
+            raise ConfigError(f"save_workers must be >= 1, got {self.save_workers}")

@@ -1,0 +1,119 @@
+"""patch_model / unpatch_model: the forward hooks that capture pre-RoPE keys, and the model fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import torch
+from torch import nn
+
+from .patches import FamilyAdapter, get_adapter
+
+_ATTR = "_attnstore_patch"
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype",
+                         "_attn_implementation", "_attn_implementation_autoset", "use_cache"}
+
+
+class ModelPatch:
+    """The state ``patch_model`` attaches to a model: capture hooks, the key stash, the fingerprint."""
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter):
+        self.adapter = adapter
+        self.handles: list = []
+        self._local = threading.local()
+        self._fingerprint: str | None = None
+        self.layer_types: list[str | None] = []
+        layers = adapter.layers(model)
+        for layer in layers:
+            attn = adapter.attention(layer)
+            layer_idx = getattr(attn, "layer_idx", None)
+            if layer_idx is None:
+                layer_idx = layers.index(layer)
+            head_dim = adapter.head_dim(layer)
+            hook = adapter.capture_module(layer).register_forward_hook(self._make_hook(layer_idx, head_dim))
+            self.handles.append(hook)
+        self.num_layers = len(layers)
+
+    def _make_hook(self, layer_idx: int, head_dim: int):
+        adapter = self.adapter
+
+        def hook(module, args, output):
+            self.stash[layer_idx] = adapter.to_bhtd(output, head_dim)
+
+        return hook
+
+    @property
+    def stash(self) -> dict[int, torch.Tensor]:
+        s = getattr(self._local, "stash", None)
+        if s is None:
+            s = self._local.stash = {}
+        return s
+
+    def take(self, layer_idx: int) -> torch.Tensor | None:
+        """The pre-RoPE keys layer ``layer_idx`` computed in this forward (consumed once)."""
+        return self.stash.pop(layer_idx, None)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.stash.clear()
+
+    def fingerprint(self, model: nn.Module) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(model)
+        return self._fingerprint
+
+
+def patch_model(model: nn.Module) -> ModelPatch:
+    """Install the pre-RoPE key capture on ``model``. Idempotent: a second call returns the same patch.
+
+    Raises :class:`~attnstore_hf.UnsupportedModelError` for a model without RoPE or without an adapter.
+    """
+    patch = getattr(model, _ATTR, None)
+    if patch is not None and patch.handles:
+        return patch
+    patch = ModelPatch(model, get_adapter(model))
+    object.__setattr__(model, _ATTR, patch)  # not a submodule/parameter: keep it out of state_dict
+    return patch
+
+
+def unpatch_model(model: nn.Module) -> bool:
+    """Remove what :func:`patch_model` installed. Returns whether there was anything to remove."""
+    patch = getattr(model, _ATTR, None)
+    if patch is None:
+        return False
+    patch.remove()
+    object.__delattr__(model, _ATTR)
+    return True
+
+
+def is_patched(model: nn.Module) -> bool:
+    patch = getattr(model, _ATTR, None)
+    return patch is not None and bool(patch.handles)
+
+
+@torch.no_grad()
+def model_fingerprint(model: nn.Module) -> str:
+    """Identity of (architecture, config, weights, dtype): records of another model are never reused.
+
+    Weights are summarised per tensor by name, shape, dtype, a strided sample of raw values and float64 sums,
+    computed where the weights live (no host copy of the whole model).
+    """
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    cfg = model.config.to_dict()
+    cfg = {k: v for k, v in cfg.items() if k not in _VOLATILE_CONFIG_KEYS}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(str(next(model.parameters()).dtype).encode())
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        sample = flat[::step][:256].float().cpu().numpy().tobytes()
+        sums = torch.stack([flat.double().sum(), flat.double().abs().sum()]).cpu().numpy().tobytes()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample)
+        h.update(sums)
+    return h.hexdigest()
