@@ -1,0 +1,155 @@
+"""Public API behaviour: patching, errors, sizes, the working cache's growth and Cache-API citizenship."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnstore_hf
+from attnstore_hf import (AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError, parse_size,
+                          patch_model, unpatch_model)
+from attnstore_hf.cache import MIN_GROWTH, ChunkedLayer
+from conftest import greedy, random_ids, tiny_model
+
+
+def test_public_names():
+    for name in ("AttentionStore", "StoreConfig", "AttentionStoreCache", "patch_model", "unpatch_model",
+                 "UnsupportedModelError"):
+        assert hasattr(attnstore_hf, name)
+    import attnstore_hf.patches as patches
+
+    assert patches.__name__ == "attnstore_hf.patches"
+
+
+def test_patch_is_idempotent_and_reversible():
+    model = tiny_model("qwen3")
+    k_norm = model.model.layers[0].self_attn.k_norm
+    before = len(k_norm._forward_hooks)
+    p1 = patch_model(model)
+    p2 = patch_model(model)
+    assert p1 is p2
+    assert len(k_norm._forward_hooks) == before + 1
+    assert attnstore_hf.is_patched(model)
+    assert unpatch_model(model) is True
+    assert len(k_norm._forward_hooks) == before
+    assert not attnstore_hf.is_patched(model)
+    assert unpatch_model(model) is False
+    # still a plain transformers model afterwards, and the state dict has no extra entries
+    assert set(model.state_dict()) == set(tiny_model("qwen3").state_dict())
+
+
+def test_gpt2_is_unsupported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError) as exc:
+        patch_model(model)
+    msg = str(exc.value)
+    for fam in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma 3"):
+        assert fam in msg
+    assert "gpt2" in msg
+
+
+def test_sizes():
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_size(1234) == 1234
+    assert parse_size(None) is None
+    for bad in ("lots", "-1GB", True, -5):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+    assert StoreConfig(dram_bytes="512MB").dram_bytes == 512 * 10**6
+    with pytest.raises(ConfigError):
+        StoreConfig(write_policy="sometimes")
+    with pytest.raises(ConfigError):
+        StoreConfig(namespace="")
+
+
+def test_chunked_layer_grows_in_chunks_not_per_step():
+    layer = ChunkedLayer()
+    k = torch.randn(1, 2, 1, 8)
+    ptrs = set()
+    for _ in range(2000):
+        layer.update(k, k, raw_keys=k)
+        ptrs.add(layer._k.data_ptr())
+    # 2000 steps, doubling from MIN_GROWTH: a handful of allocations, not 2000
+    assert len(ptrs) <= 1 + (2000 // MIN_GROWTH).bit_length()
+    assert layer.get_seq_length() == 2000 and layer.keys.shape[-2] == 2000
+
+
+def test_chunked_layer_matches_dynamic_layer_semantics():
+    from transformers.cache_utils import DynamicLayer
+
+    ours, ref = ChunkedLayer(), DynamicLayer()
+    for n in (5, 1, 1, 300, 1):
+        k, v = torch.randn(2, 2, n, 4), torch.randn(2, 2, n, 4)
+        a, b = ours.update(k, v, raw_keys=k), ref.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    ours.crop(-7), ref.crop(-7)
+    assert torch.equal(ours.keys, ref.keys) and ours.get_seq_length() == ref.get_seq_length()
+    idx = torch.tensor([1, 0])
+    ours.reorder_cache(idx), ref.reorder_cache(idx)
+    assert torch.equal(ours.values, ref.values)
+    ours.batch_repeat_interleave(2), ref.batch_repeat_interleave(2)
+    assert torch.equal(ours.keys, ref.keys)
+    ours.batch_select_indices(torch.tensor([0, 3])), ref.batch_select_indices(torch.tensor([0, 3]))
+    assert torch.equal(ours.keys, ref.keys)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gemma3"])
+def test_plain_cache_in_generate_equals_dynamic_cache(fam):
+    """Without any store, AttentionStoreCache behaves like transformers' DynamicCache (batch 2, sampling off)."""
+    model = tiny_model(fam)
+    ids = torch.cat([random_ids(30, 1), random_ids(30, 2)])
+    ours = model.generate(ids, past_key_values=AttentionStoreCache(model), max_new_tokens=6, min_new_tokens=6,
+                          do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ref = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits)) <= 1e-4
+
+
+def test_beam_search_with_cache():
+    model = tiny_model("llama")
+    ids = random_ids(20, 9)
+    ours = model.generate(ids, past_key_values=AttentionStoreCache(model), num_beams=3, max_new_tokens=5,
+                          do_sample=False)
+    ref = model.generate(ids, num_beams=3, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ours, ref)
+
+
+def test_save_rejects_wrong_sequences(store_factory):
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(20, 1)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    with pytest.raises(ValueError, match="cache holds"):
+        store.save("s", cache, out.sequences[:, :5])
+    rec = store.save("s", cache, out.sequences)
+    assert rec.num_tokens == out.sequences.shape[1] - 1
+    ids2 = torch.cat([out.sequences, random_ids(5, 2)], 1)
+    cache2 = store.cache_for(model, "s", ids2)
+    out2 = greedy(model, ids2, cache2)
+    wrong = out2.sequences.clone()
+    wrong[0, 3] = (wrong[0, 3] + 1) % 150 + 8
+    with pytest.raises(ValueError, match="does not start with"):
+        store.save("s", cache2, wrong)
+
+
+def test_input_validation(store_factory):
+    model = tiny_model("llama")
+    store = store_factory()
+    with pytest.raises(ValueError, match="one sequence"):
+        store.cache_for(model, "s", torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="session_id"):
+        store.cache_for(model, "", random_ids(5, 0))
+    with pytest.raises(ValueError, match="empty"):
+        store.cache_for(model, "s", torch.ones(1, 0, dtype=torch.long))
+
+
+def test_closed_store_says_so(store_factory):
+    store = store_factory()
+    store.close()
+    with pytest.raises(attnstore_hf.AttnStoreError, match="closed"):
+        store.cache_for(tiny_model("llama"), "s", random_ids(5, 0))

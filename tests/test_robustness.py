@@ -1,0 +1,177 @@
+"""Bad input becomes a cache miss with a warning: never a crash, never a wrong answer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import uuid
+
+import pytest
+import torch
+
+from attnstore_hf import AttentionStore, RecordError, SessionRecord, StoreConfig
+from attnstore_hf.record import session_key
+from conftest import greedy, random_ids, tiny_model
+
+TOL = 1e-4
+
+
+def first_turn(model, store, session="s", seed=0):
+    ids = random_ids(30, seed)
+    cache = store.cache_for(model, session, ids)
+    out = greedy(model, ids, cache)
+    store.save(session, cache, out.sequences)
+    store.flush()
+    return torch.cat([out.sequences, random_ids(9, seed + 1)], dim=1)
+
+
+def assert_miss_but_correct(model, store, ids, session="s"):
+    cache = store.cache_for(model, session, ids)
+    assert cache.reused_tokens == 0
+    out, ref = greedy(model, ids, cache), greedy(model, ids)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert (out.logits[0] - ref.logits[0]).abs().max().item() <= TOL
+    return cache, out
+
+
+def record_file(tmp_path, session="s", namespace="default"):
+    return tmp_path / "kv" / f"{session_key(namespace, session)}.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["flip_tensor_byte", "truncate", "garbage", "empty", "header_only"])
+def test_damaged_file_is_a_miss(damage, store_factory, tmp_path, caplog):
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = first_turn(model, store)
+    store.close()
+    path = record_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip_tensor_byte":
+        data[-10] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(os.urandom(len(data)))
+    elif damage == "empty":
+        data = bytearray()
+    elif damage == "header_only":
+        data = data[:8]
+    path.write_bytes(bytes(data))
+    fresh = store_factory()
+    with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+        cache, out = assert_miss_but_correct(model, fresh, ids)
+    assert "rejected" in caplog.text
+    assert fresh.stats()["rejected_records"] == 1
+    assert not path.exists()  # the bad file is gone ...
+    fresh.save("s", cache, out.sequences)
+    fresh.close()
+    again = store_factory()  # ... and replaced by a good one
+    assert again.cache_for(model, "s", torch.cat([out.sequences, random_ids(3, 7)], 1)).reused_tokens > 0
+
+
+def test_record_from_another_model_is_a_miss(store_factory, caplog):
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)  # same config, other weights
+    store = store_factory()
+    ids = first_turn(a, store)
+    with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+        assert_miss_but_correct(b, store, ids)
+    assert "another model" in caplog.text
+
+
+def test_record_from_another_dtype_is_a_miss(store_factory, caplog):
+    model = tiny_model("gemma3")
+    store = store_factory()
+    ids = first_turn(model, store)
+    store.close()
+    bf16 = tiny_model("gemma3", dtype=torch.bfloat16)
+    fresh = store_factory()
+    with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+        cache = fresh.cache_for(bf16, "s", ids)
+    assert cache.reused_tokens == 0 and "another model or dtype" in caplog.text
+
+
+def test_record_of_another_family_is_a_miss(store_factory):
+    store = store_factory()
+    ids = first_turn(tiny_model("qwen2"), store)
+    assert_miss_but_correct(tiny_model("mistral"), store, ids)
+
+
+def test_swapped_file_for_another_session_is_rejected(store_factory, tmp_path):
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = first_turn(model, store, session="alice")
+    first_turn(model, store, session="bob", seed=50)
+    store.close()
+    # an attacker (or a bug) copies bob's file over alice's: the header names bob, so alice gets a miss
+    record_file(tmp_path, "alice").write_bytes(record_file(tmp_path, "bob").read_bytes())
+    assert_miss_but_correct(model, store_factory(), ids, session="alice")
+
+
+HOSTILE = ["../../etc/passwd", "a/b\\c", "\x00nul", "x" * 10_000, "😀 émoji", " ", "CON", "..", "*?<>|"]
+
+
+def test_hostile_session_ids_stay_inside_disk_dir(store_factory, tmp_path):
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = {sid: first_turn(model, store, session=sid, seed=i) for i, sid in enumerate(HOSTILE)}
+    store.close()
+    files = sorted(p.name for p in (tmp_path / "kv").iterdir())
+    assert len(files) == len(HOSTILE)
+    assert all(len(f) == 64 + len(".safetensors") for f in files)
+    assert sorted(os.listdir(tmp_path)) == ["kv"]
+    fresh = store_factory()
+    for sid, seq in ids.items():
+        assert fresh.cache_for(model, sid, seq).reused_tokens == seq.shape[1] - 9 - 1
+
+
+def test_leftover_temp_files_are_cleaned(store_factory, tmp_path):
+    (tmp_path / "kv").mkdir()
+    (tmp_path / "kv" / f"{'a' * 64}.123.456.tmp").write_bytes(b"half a record")
+    store_factory()
+    assert list((tmp_path / "kv").iterdir()) == []
+
+
+def test_decoder_rejects_every_kind_of_garbage():
+    model = tiny_model("llama")
+    with AttentionStore(StoreConfig(disk_dir=None)) as store:
+        first_turn(model, store)
+        rec = store.dram.get(session_key("default", "s"))
+    good = rec.to_bytes()
+    assert SessionRecord.from_bytes(good).token_ids == rec.token_ids
+    for cut in (0, 3, 8, 100, len(good) - 1):
+        with pytest.raises(RecordError):
+            SessionRecord.from_bytes(good[:cut])
+    with pytest.raises(RecordError):
+        SessionRecord.from_bytes(good, expect_session="mallory")
+    with pytest.raises(RecordError):
+        SessionRecord.from_bytes(good, expect_namespace="other")
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", f"tmpfs-{uuid.uuid4().hex[:6]}", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_keeps_serving_from_dram(tiny_fs, caplog):
+    model = tiny_model("llama")
+    store = AttentionStore(StoreConfig(disk_dir=tiny_fs, disk_bytes=None))
+    try:
+        with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+            ids = first_turn(model, store)  # the record (about 35 kB) does not fit on a 16 kB disk
+        assert store.stats()["disk_write_errors"] == 1
+        assert "could not write" in caplog.text
+        assert [p for p in tiny_fs.iterdir()] == []  # no half-written file left behind
+        cache = store.cache_for(model, "s", ids)
+        assert cache.reused_tokens > 0 and cache.source == "dram"
+        out, ref = greedy(model, ids, cache), greedy(model, ids)
+        assert torch.equal(out.sequences, ref.sequences)
+    finally:
+        store.close()
