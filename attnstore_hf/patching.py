@@ -99,7 +99,7 @@ def is_patched(model: nn.Module) -> bool:
 def model_fingerprint(model: nn.Module) -> str:
     """Identity of (architecture, config, weights, dtype): records of another model are never reused.
 
-    Weights are summarised per tensor by name, shape, dtype, a strided sample of raw values and float64 sums,
+    Weights are summarised per tensor by name, shape, dtype, a strided sample of raw values, the sum and the L2 norm,
     computed where the weights live (no host copy of the whole model).
     """
     h = hashlib.sha256()
@@ -112,7 +112,8 @@ def model_fingerprint(model: nn.Module) -> str:
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 256)
         sample = flat[::step][:256].float().cpu().numpy().tobytes()
-        sums = torch.stack([flat.double().sum(), flat.double().abs().sum()]).cpu().numpy().tobytes()
+        f = flat if flat.is_floating_point() else flat.double()
+        sums = torch.stack([f.sum().double(), torch.linalg.vector_norm(f).double()]).cpu().numpy().tobytes()
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(sample)
         h.update(sums)

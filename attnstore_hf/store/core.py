@@ -148,7 +148,9 @@ class AttentionStore:
             layers.append(LayerKV(kind, start, raw.detach().to("cpu", copy=True), values.detach().to("cpu", copy=True)))
         dtype = dtype_name(layers[0].keys.dtype) if layers else "float32"
         fingerprint = cache._patch._fingerprint or ""
-        return SessionRecord(self.namespace, session_id, fingerprint, dtype, seq[:n], layers)
+        # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete
+        return SessionRecord(self.namespace, session_id, fingerprint, dtype, seq[:n], layers,
+                             meta={"tail_ids": seq[n:]})
 
     def save(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
         """Store the conversation held by ``cache``. ``sequences`` is generate()'s output (prompt + reply).
@@ -198,6 +200,13 @@ class AttentionStore:
             return
         self._count("disk_writes")
         self._count("disk_bytes_written", n)
+
+    def history(self, session_id: str) -> list[int] | None:
+        """The full token ids of a stored conversation (what the next turn should extend), or ``None``."""
+        rec, _ = self._lookup(_check_session_id(session_id))
+        if rec is None:
+            return None
+        return rec.token_ids + [int(t) for t in rec.meta.get("tail_ids", [])]
 
     # ---- housekeeping ---------------------------------------------------------------------------------------
     def flush(self) -> None:
