@@ -86,9 +86,8 @@ SUBPROCESS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fam", ["llama", "gemma3"])
-def test_new_process_resumes(fam, store_factory, tmp_path):
-    model = tiny_model(fam)
+def test_new_process_resumes(family, store_factory, tmp_path):
+    model = tiny_model(family)
     model.save_pretrained(tmp_path / "model")
     store = store_factory()
     _, ids = run_conversation(model, store, turns=2)
@@ -203,3 +202,28 @@ def test_mistral_sliding_window(store_factory):
     reports, _ = run_conversation(model, store)
     check(reports)
     assert "sliding" in store.cache_for(model, "x", random_ids(5, 1)).layer_kinds
+
+
+def test_captured_keys_rotate_to_exactly_the_models_keys(family):
+    """Hook capture is bit-exact: pre-RoPE keys re-rotated here equal the keys transformers caches itself."""
+    from transformers import DynamicCache
+
+    from attnstore_hf import AttentionStoreCache
+    from attnstore_hf.rope import apply_rope
+
+    model = tiny_model(family)
+    ids = random_ids(30, 11)
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=ref, use_cache=True)
+        ours = AttentionStoreCache(model)
+        model(ids, past_key_values=ours, use_cache=True)
+    adapter = ours._patch.adapter
+    for i, ((raw, values, start), ref_layer) in enumerate(zip(ours.raw_layers(), ref.layers)):
+        n = raw.shape[-2]
+        positions = torch.arange(start, start + n).unsqueeze(0)
+        cos, sin = adapter.rope_tables(model, i, positions, raw.dtype, raw.device)
+        assert torch.equal(apply_rope(raw, cos, sin), ref_layer.keys[:, :, -n:]), f"layer {i}"
+        assert torch.equal(values, ref_layer.values[:, :, -n:])
+        if ours.layer_kinds[i] == "sliding":  # the window, not the history
+            assert n == ref_layer.sliding_window - 1 < ids.shape[1]
