@@ -60,6 +60,11 @@ class StoreConfig:
             ``"write_back"`` (written to disk only when evicted from DRAM or at ``close()``).
         storage_dtype: dtype records are kept in; ``None`` keeps the model's dtype (exact reuse).
         save_workers: background threads writing records to disk.
+        policy: ``"lru"``, ``"fifo"`` or ``"scheduler"`` (scheduler-aware: uses :meth:`AttentionStore.plan`;
+            sessions not in the queue fall back to LRU).
+        prefetch_workers: background threads loading queued sessions disk -> DRAM.
+        ttl_seconds: records not saved for this long are dropped when next looked at (``None``: never).
+        pin_memory: keep DRAM records in page-locked memory when CUDA is available.
     """
 
     dram_bytes: int | str | None = "2GB"
@@ -69,6 +74,10 @@ class StoreConfig:
     write_policy: str = "write_through"
     storage_dtype: str | None = None
     save_workers: int = 1
+    policy: str = "scheduler"
+    prefetch_workers: int = 1
+    ttl_seconds: float | None = None
+    pin_memory: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,5 +96,11 @@ class StoreConfig:
                 f"storage_dtype must be None (the model's dtype), 'float32', 'float16' or 'bfloat16', "
                 f"got {self.storage_dtype!r}"
             )
+        if self.policy not in ("lru", "fifo", "scheduler"):
+            raise ConfigError(f"policy must be 'lru', 'fifo' or 'scheduler', got {self.policy!r}")
+        if self.ttl_seconds is not None and self.ttl_seconds <= 0:
+            raise ConfigError(f"ttl_seconds must be > 0 or None, got {self.ttl_seconds!r}")
+        if self.prefetch_workers < 1:
+            raise ConfigError(f"prefetch_workers must be >= 1, got {self.prefetch_workers}")
         if self.save_workers < 1:
             raise ConfigError(f"save_workers must be >= 1, got {self.save_workers}")

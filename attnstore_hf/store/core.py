@@ -15,13 +15,15 @@ from ..errors import AttnStoreError, RecordError
 from ..record import LayerKV, SessionRecord, dtype_name, session_key
 from .disk import DiskTier
 from .dram import DramTier
+from .policy import make_policy
 
 log = logging.getLogger(__name__)
 
 _COUNTERS = (
-    "lookups", "hits", "hits_dram", "hits_disk", "misses", "partial_hits", "rejected_records",
-    "reused_tokens", "prefilled_tokens", "saves", "dram_evictions", "disk_writes", "disk_write_errors",
-    "disk_bytes_written", "disk_bytes_read", "load_seconds", "save_seconds",
+    "lookups", "hits", "hits_dram", "hits_disk", "misses", "partial_hits", "rejected_records", "expired",
+    "reused_tokens", "prefilled_tokens", "saves", "prefetches", "prefetch_hits", "evictions_dram",
+    "evictions_disk", "disk_writes", "disk_write_errors", "bytes_written_disk", "bytes_read_disk",
+    "bytes_written_dram", "loads", "load_seconds", "save_seconds",
 )
 
 
@@ -55,10 +57,19 @@ class AttentionStore:
     def __init__(self, config: StoreConfig | None = None):
         self.config = config or StoreConfig()
         self.namespace = self.config.namespace
-        self.dram = DramTier(self.config.dram_bytes)
-        self.disk = DiskTier(self.config.disk_dir, self.config.disk_bytes) if self.config.disk_dir else None
+        self.policy = make_policy(self.config.policy)
+        self.dram = DramTier(self.config.dram_bytes, self.policy, pin=self.config.pin_memory)
+        self.disk = (DiskTier(self.config.disk_dir, self.config.disk_bytes, self.policy)
+                     if self.config.disk_dir else None)
         self._pool = ThreadPoolExecutor(self.config.save_workers, thread_name_prefix="attnstore-save")
+        self._prefetch_pool = ThreadPoolExecutor(self.config.prefetch_workers, thread_name_prefix="attnstore-prefetch")
         self._pending: set[Future] = set()
+        self._writing: dict[str, SessionRecord] = {}  # records on their way to disk: still served
+        self._prefetching: set[str] = set()
+        self._prefetched: set[str] = set()  # in DRAM thanks to a prefetch, not used yet
+        self._protect_dram: frozenset[str] = frozenset()
+        self._protect_disk: frozenset[str] = frozenset()
+        self._sizes = [0, 0]  # sum and count of saved record sizes (mean record size for the windows)
         self._lock = threading.Lock()
         self._stats = {k: 0 for k in _COUNTERS}
         self._closed = False
@@ -67,26 +78,49 @@ class AttentionStore:
     def _key(self, session_id: str) -> str:
         return session_key(self.namespace, session_id)
 
-    def _lookup(self, session_id: str) -> tuple[SessionRecord | None, str | None]:
+    def _expired(self, rec: SessionRecord) -> bool:
+        ttl = self.config.ttl_seconds
+        return ttl is not None and time.time() - float(rec.meta.get("saved_at", 0)) > ttl
+
+    def get_record(self, session_id: str) -> tuple[SessionRecord | None, str | None]:
+        """The stored record of a session and the tier it came from (``"dram"``/``"disk"``), or ``(None, None)``.
+
+        A disk hit is promoted to DRAM. A record that fails validation is removed and reported as a miss.
+        """
+        session_id = _check_session_id(session_id)
         key = self._key(session_id)
-        rec = self.dram.get(key)
-        if rec is not None:
-            return rec, "dram"
-        if self.disk is None:
+        t0 = time.perf_counter()
+        rec, tier = self.dram.get(key), "dram"
+        if rec is None:
+            with self._lock:
+                rec = self._writing.get(key)
+        if rec is None and self.disk is not None and self.disk.contains(key):
+            data = self.disk.get_bytes(key)
+            if data is not None:
+                self._count("bytes_read_disk", len(data))
+                try:
+                    rec, tier = SessionRecord.from_bytes(data, expect_namespace=self.namespace,
+                                                         expect_session=session_id), "disk"
+                except RecordError as exc:
+                    log.warning("session %r: disk record rejected (%s); recomputing and replacing it",
+                                session_id, exc)
+                    self._count("rejected_records")
+                    self.disk.remove(key)
+                    rec = None
+        if rec is not None and self._expired(rec):
+            self._count("expired")
+            self._forget(key)
+            rec = None
+        if rec is None:
             return None, None
-        data = self.disk.get_bytes(key)
-        if data is None:
-            return None, None
-        self._count("disk_bytes_read", len(data))
-        try:
-            rec = SessionRecord.from_bytes(data, expect_namespace=self.namespace, expect_session=session_id)
-        except RecordError as exc:
-            log.warning("session %r: disk record rejected (%s); recomputing and replacing it", session_id, exc)
-            self._count("rejected_records")
-            self.disk.remove(key)
-            return None, None
-        self._put_dram(rec, from_disk=True)
-        return rec, "disk"
+        if tier == "disk":
+            self._put_dram(rec)
+        elif key in self._prefetched:
+            self._prefetched.discard(key)
+            self._count("prefetch_hits")
+        self._count("loads")
+        self._count("load_seconds", time.perf_counter() - t0)
+        return rec, tier
 
     def cache_for(self, model, session_id: str, input_ids) -> AttentionStoreCache:
         """An :class:`AttentionStoreCache` for this turn, holding whatever of ``input_ids`` the store can restore.
@@ -102,7 +136,7 @@ class AttentionStore:
         cache.input_ids = ids
         fingerprint = cache._patch.fingerprint(model)
         self._count("lookups")
-        rec, tier = self._lookup(session_id)
+        rec, tier = self.get_record(session_id)
         reuse = 0
         if rec is not None:
             dtype = dtype_name(next(model.parameters()).dtype)
@@ -164,23 +198,47 @@ class AttentionStore:
             raise TypeError(f"save() needs an AttentionStoreCache (from store.cache_for), got {type(cache).__name__}")
         t0 = time.perf_counter()
         rec = self.record_from_cache(session_id, cache, sequences)
-        self._put_dram(rec)
-        if self.disk is not None and self.config.write_policy == "write_through":
-            self._write_disk_async(rec)
-        self._count("saves")
+        self.put_record(rec)
         self._count("save_seconds", time.perf_counter() - t0)
         return rec
 
-    def _put_dram(self, rec: SessionRecord, from_disk: bool = False) -> None:
-        for old in self.dram.put(rec):
-            if old is rec and from_disk:
-                continue  # too large for DRAM; it is on disk already
-            self._count("dram_evictions")
-            # write-through: every record is on disk (or on its way); write-back: demote it now
+    def put_record(self, rec: SessionRecord) -> None:
+        """Commit a record: DRAM first (evicting by policy), disk by the write policy."""
+        self._check_open()
+        if rec.namespace != self.namespace:
+            raise ValueError(f"record of namespace {rec.namespace!r} put into a store of namespace {self.namespace!r}")
+        rec.meta.setdefault("saved_at", time.time())
+        with self._lock:
+            self._sizes[0] += rec.nbytes
+            self._sizes[1] += 1
+        self._prefetched.discard(rec.key)
+        kept = self._put_dram(rec)
+        if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
+            self._write_disk_async(rec)
+        self._count("saves")
+        log.debug("session %r: saved %d tokens (%d bytes)%s", rec.session_id, rec.num_tokens, rec.nbytes,
+                  "" if kept else " straight to disk (larger than DRAM)")
+
+    def _put_dram(self, rec: SessionRecord, protect=None) -> bool:
+        """Put ``rec`` in DRAM; demote what it evicts. Returns whether ``rec`` itself stayed in DRAM."""
+        evicted = self.dram.put(rec, protect=self._protect_dram if protect is None else protect)
+        kept = True
+        for old in evicted:
+            if old is rec or old.key == rec.key:
+                kept = False
+                continue
+            self._count("evictions_dram")
+            self._prefetched.discard(old.key)
+            # write-through: already on disk (or on its way); write-back: demote it now
             if self.disk is not None and self.config.write_policy == "write_back":
                 self._write_disk_async(old)
+        if kept:
+            self._count("bytes_written_dram", rec.nbytes)
+        return kept
 
     def _write_disk_async(self, rec: SessionRecord) -> None:
+        with self._lock:
+            self._writing[rec.key] = rec
         fut = self._pool.submit(self._write_disk, rec)
         with self._lock:
             self._pending.add(fut)
@@ -192,18 +250,103 @@ class AttentionStore:
 
     def _write_disk(self, rec: SessionRecord) -> None:
         try:
-            n = self.disk.put(rec)
+            before = self.disk.evictions
+            n = self.disk.put(rec, protect=self._protect_disk)
+            self._count("evictions_disk", self.disk.evictions - before)
         except OSError as exc:
             self._count("disk_write_errors")
             log.warning("session %r: could not write record to %s (%s); it stays in DRAM only",
                         rec.session_id, self.disk.dir, exc)
             return
+        finally:
+            with self._lock:
+                if self._writing.get(rec.key) is rec:
+                    del self._writing[rec.key]
         self._count("disk_writes")
-        self._count("disk_bytes_written", n)
+        self._count("bytes_written_disk", n)
+
+    # ---- scheduler-aware placement ------------------------------------------------------------------------
+    def mean_record_bytes(self) -> float:
+        with self._lock:
+            total, n = self._sizes
+        if n:
+            return total / n
+        sizes = [self.dram.peek(k).nbytes for k in self.dram.keys()]
+        return sum(sizes) / len(sizes) if sizes else 0.0
+
+    def windows(self) -> tuple[int | None, int | None]:
+        """(prefetch window, eviction window) in sessions: DRAM / mean record size, (DRAM + disk) / mean size."""
+        mean = self.mean_record_bytes()
+        if mean <= 0:
+            return None, None
+        cap_dram = self.dram.capacity
+        cap_disk = self.disk.capacity if self.disk is not None else 0
+        pw = None if cap_dram is None else int(cap_dram // mean)
+        ew = None if cap_dram is None or cap_disk is None else int((cap_dram + cap_disk) // mean)
+        return pw, ew
+
+    def plan(self, upcoming_session_ids, wait: bool = False) -> list[str]:
+        """Tell the store the serving queue's look-ahead (session ids, head first).
+
+        With the ``scheduler`` policy: sessions in the prefetch window at the head of the queue are loaded
+        disk -> DRAM in the background and kept there; eviction takes sessions outside the queue first, then the
+        furthest in the queue; sessions inside the eviction window are the last to be dropped from disk.
+        Returns the session ids a prefetch was started for. ``wait=True`` waits for those prefetches.
+        """
+        self._check_open()
+        ids = [_check_session_id(s) for s in upcoming_session_ids]
+        keys = [self._key(s) for s in ids]
+        self.policy.plan(keys)
+        if self.policy.name != "scheduler":
+            return []
+        pw, ew = self.windows()
+        head = keys if pw is None else keys[:pw]
+        self._protect_dram = frozenset(head)
+        self._protect_disk = frozenset(keys if ew is None else keys[:ew])
+        started, futures = [], []
+        if self.disk is None:
+            return started
+        for sid, key in zip(ids, head):
+            with self._lock:
+                busy = key in self._prefetching or key in self._writing
+            if busy or self.dram.contains(key) or not self.disk.contains(key):
+                continue
+            with self._lock:
+                self._prefetching.add(key)
+            futures.append(self._prefetch_pool.submit(self._prefetch, sid, key, frozenset(head)))
+            started.append(sid)
+        if wait:
+            for f in futures:
+                f.result()
+        return started
+
+    def _prefetch(self, session_id: str, key: str, protect: frozenset) -> None:
+        try:
+            data = self.disk.get_bytes(key, touch=False)
+            if data is None or self.dram.contains(key):
+                return
+            try:
+                rec = SessionRecord.from_bytes(data, expect_namespace=self.namespace, expect_session=session_id)
+            except RecordError as exc:
+                log.warning("session %r: disk record rejected during prefetch (%s)", session_id, exc)
+                self._count("rejected_records")
+                self.disk.remove(key)
+                return
+            if not self.dram.fits(rec.nbytes, protect):
+                return  # would push out a session nearer the head of the queue
+            self._count("bytes_read_disk", len(data))
+            if self._put_dram(rec, protect=protect):
+                self._prefetched.add(key)
+                self._count("prefetches")
+        except Exception as exc:  # a prefetch is an optimisation: never let it take the store down
+            log.warning("session %r: prefetch failed (%s: %s)", session_id, type(exc).__name__, exc)
+        finally:
+            with self._lock:
+                self._prefetching.discard(key)
 
     def history(self, session_id: str) -> list[int] | None:
         """The full token ids of a stored conversation (what the next turn should extend), or ``None``."""
-        rec, _ = self._lookup(_check_session_id(session_id))
+        rec, _ = self.get_record(session_id)
         if rec is None:
             return None
         return rec.token_ids + [int(t) for t in rec.meta.get("tail_ids", [])]
@@ -219,22 +362,31 @@ class AttentionStore:
             for fut in pending:
                 fut.result()
 
+    def wait_prefetch(self) -> None:
+        """Wait until the prefetches started by :meth:`plan` have finished."""
+        self._prefetch_pool.submit(lambda: None).result()
+
     def drop(self, session_id: str) -> None:
         """Forget a session in every tier."""
-        key = self._key(_check_session_id(session_id))
         self.flush()
+        self._forget(self._key(_check_session_id(session_id)))
+
+    def _forget(self, key: str) -> None:
         self.dram.remove(key)
         if self.disk is not None:
             self.disk.remove(key)
+        self._prefetched.discard(key)
+        self.policy.forget(key)
 
     def close(self) -> None:
         """Flush, persist every DRAM record to disk (so a new process resumes every session), stop the workers."""
         if self._closed:
             return
+        self._prefetch_pool.shutdown(wait=True)
         self.flush()
         if self.disk is not None:
             for key in self.dram.keys():
-                rec = self.dram.get(key)
+                rec = self.dram.peek(key)
                 if rec is not None and (self.config.write_policy == "write_back" or not self.disk.contains(key)):
                     self._write_disk(rec)
         self._pool.shutdown(wait=True)
@@ -259,6 +411,9 @@ class AttentionStore:
         with self._lock:
             s = dict(self._stats)
         s["hit_rate"] = s["hits"] / s["lookups"] if s["lookups"] else 0.0
+        s["mean_load_s"] = s["load_seconds"] / s["loads"] if s["loads"] else 0.0
+        s["mean_save_s"] = s["save_seconds"] / s["saves"] if s["saves"] else 0.0
+        s["policy"] = self.policy.name
         s["dram_records"], s["dram_bytes"] = len(self.dram), self.dram.used
         if self.disk is not None:
             s["disk_records"], s["disk_bytes"] = len(self.disk), self.disk.used

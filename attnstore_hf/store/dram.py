@@ -1,22 +1,43 @@
-"""The host-memory tier: records kept as CPU tensors, bounded in bytes, least recently used evicted first."""
+"""The host-memory tier: records as CPU tensors (pinned when CUDA is present), bounded in bytes."""
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
-from ..record import SessionRecord
+import torch
+
+from ..record import LayerKV, SessionRecord
+from .policy import LRUPolicy, Policy
+
+
+def pin_record(record: SessionRecord) -> SessionRecord:
+    """Move a record's tensors to page-locked host memory (fast, asynchronous host-to-device copies)."""
+    if not torch.cuda.is_available():
+        return record
+    layers = []
+    for lay in record.layers:
+        k = lay.keys if lay.keys.is_pinned() else lay.keys.pin_memory()
+        v = lay.values if lay.values.is_pinned() else lay.values.pin_memory()
+        layers.append(LayerKV(lay.kind, lay.start, k, v))
+    record.layers = layers
+    return record
 
 
 class DramTier:
-    """contains / get / put / remove over ``SessionRecord`` objects with exact byte accounting."""
+    """contains / get / put / remove / prefetch over ``SessionRecord`` objects, with exact byte accounting.
+
+    When full, records leave in the order the policy gives; records whose keys are in ``protect`` leave only if
+    nothing else can.
+    """
 
     name = "dram"
 
-    def __init__(self, capacity_bytes: int | None):
+    def __init__(self, capacity_bytes: int | None, policy: Policy | None = None, pin: bool = True):
         self.capacity = capacity_bytes
+        self.policy = policy or LRUPolicy()
+        self.pin = pin
         self.used = 0
-        self._records: OrderedDict[str, SessionRecord] = OrderedDict()
+        self._records: dict[str, SessionRecord] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -32,32 +53,57 @@ class DramTier:
     def get(self, key: str) -> SessionRecord | None:
         with self._lock:
             rec = self._records.get(key)
-            if rec is not None:
-                self._records.move_to_end(key)
-            return rec
+        if rec is not None:
+            self.policy.touch(key)
+        return rec
 
-    def put(self, record: SessionRecord) -> list[SessionRecord]:
-        """Insert (or replace) ``record``; returns the records evicted to make room (oldest use first).
+    def peek(self, key: str) -> SessionRecord | None:
+        """Like ``get`` without counting as a use."""
+        return self._records.get(key)
 
-        A record larger than the whole tier is not kept (returned as evicted itself).
-        """
+    def prefetch(self, key: str) -> SessionRecord | None:
+        return self.peek(key)
+
+    def fits(self, size: int, protect=frozenset(), replacing: str | None = None) -> bool:
+        """Whether ``size`` bytes can be made room for without evicting a protected record."""
+        if self.capacity is None:
+            return True
         with self._lock:
-            self.remove(record.key)
-            size = record.nbytes
+            free = self.capacity - self.used + (self._records[replacing].nbytes if replacing in self._records else 0)
+            evictable = sum(r.nbytes for k, r in self._records.items() if k not in protect and k != replacing)
+            return size <= free + evictable
+
+    def put(self, record: SessionRecord, protect=frozenset()) -> list[SessionRecord]:
+        """Insert (or replace) ``record``; returns the records evicted to make room.
+
+        A record larger than the whole tier is not kept (it is returned as evicted itself).
+        """
+        if self.pin:
+            record = pin_record(record)
+        size = record.nbytes
+        with self._lock:
+            self.remove(record.key, _forget=False)
             if self.capacity is not None and size > self.capacity:
                 return [record]
             evicted = []
-            while self.capacity is not None and self.used + size > self.capacity and self._records:
-                _, old = self._records.popitem(last=False)
-                self.used -= old.nbytes
-                evicted.append(old)
+            if self.capacity is not None and self.used + size > self.capacity:
+                order = self.policy.eviction_order(self._records.keys(), self.name)
+                order = [k for k in order if k not in protect] + [k for k in order if k in protect]
+                for k in order:
+                    if self.used + size <= self.capacity:
+                        break
+                    evicted.append(self.remove(k))
             self._records[record.key] = record
             self.used += size
-            return evicted
+        self.policy.on_insert(record.key, self.name)
+        self.policy.touch(record.key)
+        return evicted
 
-    def remove(self, key: str) -> SessionRecord | None:
+    def remove(self, key: str, _forget: bool = True) -> SessionRecord | None:
         with self._lock:
             rec = self._records.pop(key, None)
             if rec is not None:
                 self.used -= rec.nbytes
-            return rec
+        if rec is not None and _forget:
+            self.policy.on_remove(key, self.name)
+        return rec
