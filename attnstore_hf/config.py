@@ -65,6 +65,7 @@ class StoreConfig:
         prefetch_workers: background threads loading queued sessions disk -> DRAM.
         ttl_seconds: records not saved for this long are dropped when next looked at (``None``: never).
         pin_memory: keep DRAM records in page-locked memory when CUDA is available.
+        fsync: make each disk write durable before it counts (turn off only for simulations).
     """
 
     dram_bytes: int | str | None = "2GB"
@@ -78,6 +79,7 @@ class StoreConfig:
     prefetch_workers: int = 1
     ttl_seconds: float | None = None
     pin_memory: bool = True
+    fsync: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -137,6 +137,78 @@ def bench_growth(args) -> list[dict]:
     return rows
 
 
+# ---- sim: hit rates of the policies on a ShareGPT trace, no model run ------------------------------------------
+def bench_sim(args) -> tuple[list[dict], dict]:
+    from tqdm.auto import tqdm
+
+    from ..config import parse_size
+    from ..sim import KV_BYTES_PER_TOKEN, SimConfig, build_trace, load_turns, replay
+
+    tok = None
+    if not args.no_tokenizer:
+        from transformers import AutoTokenizer
+
+        from ..models import default_model_dir, load_model
+
+        path = default_model_dir()
+        if not (path / "tokenizer_config.json").exists():
+            load_model(progress=True)  # converts the bundled model once; the tokenizer comes with it
+        tok = AutoTokenizer.from_pretrained(str(path))
+    cfg = SimConfig(sessions=args.sessions, rate=args.rate, think_s=args.think, slots=args.slots,
+                    model=args.kv_model, dram=parse_size(args.dram), disk=parse_size(args.disk),
+                    context=args.context, seed=args.seed, scale=args.scale)
+    sessions = load_turns(cfg.sessions, tok)
+    ops = build_trace(sessions, cfg)
+    bpt = KV_BYTES_PER_TOKEN[cfg.model]
+    finals = []
+    for turns in sessions:
+        h = 0
+        for t in turns:
+            h = min(cfg.context, h + t.user + min(t.reply, cfg.max_reply))
+        finals.append(h)
+    info = {"sessions": len(sessions), "turns": sum(len(t) for t in sessions),
+            "kv_bytes_per_token": bpt, "working_set_bytes": sum(finals) * bpt,
+            "mean_record_bytes": sum(finals) * bpt / len(finals), "dram_bytes": cfg.dram, "disk_bytes": cfg.disk,
+            "config": {k: v for k, v in vars(cfg).items() if k not in ("results", "policies")}}
+    drams = sorted(set([cfg.dram] + [parse_size(d) for d in (args.sweep or [])]))
+    rows, policies = [], {}
+    bar = tqdm(total=len(drams) * len(cfg.policies), desc="simulating", unit="run")
+    for dram in drams:
+        for pol in cfg.policies:
+            t0 = time.perf_counter()
+            r = replay(ops, cfg, pol, dram=dram)
+            r["seconds"] = time.perf_counter() - t0
+            rows.append({"policy": pol, "dram_gb": dram / 1e9, "disk_gb": cfg.disk / 1e9, **r})
+            if dram == cfg.dram:
+                policies[pol] = r
+            bar.update()
+    bar.close()
+    info["policies"] = policies
+    if args.png and len(drams) > 1:
+        _plot_sim(rows, args.png)
+    return [r for r in rows if r["dram_gb"] == cfg.dram / 1e9], {**info, "sweep": rows}
+
+
+def _plot_sim(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pol in ("scheduler", "lru", "fifo"):
+        pts = sorted((r["dram_gb"], r["hit_rate"]) for r in rows if r["policy"] == pol)
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("DRAM capacity (GB, modeled)")
+    ax.set_ylabel("hit rate (%)")
+    ax.set_title(f"ShareGPT replay, disk {rows[0]['disk_gb']:.0f} GB")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -154,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-dim", type=int, default=256)
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--json", default=None)
+    m = sub.add_parser("sim", help="trace-driven simulation of the lru / fifo / scheduler policies on ShareGPT")
+    m.add_argument("--sessions", type=int, default=2000)
+    m.add_argument("--rate", type=float, default=2.0, help="new sessions per second (Poisson)")
+    m.add_argument("--think", type=float, default=120.0, help="mean seconds between a reply and the next turn")
+    m.add_argument("--slots", type=int, default=32, help="jobs served at once")
+    m.add_argument("--dram", default="64GB", help="modeled DRAM capacity")
+    m.add_argument("--disk", default="300GB", help="modeled disk capacity")
+    m.add_argument("--kv-model", default="llama2-13b", help="KV bytes per token of this model")
+    m.add_argument("--context", type=int, default=4096, help="records are truncated to this many tokens")
+    m.add_argument("--scale", type=float, default=1e-4, help="tensor and capacity scale (ratios are kept)")
+    m.add_argument("--sweep", nargs="*", default=["16GB", "32GB", "128GB"],
+                   help="more DRAM capacities for the plot (same trace)")
+    m.add_argument("--png", default=None, help="plot of hit rate vs DRAM capacity")
+    m.add_argument("--no-tokenizer", action="store_true", help="count ~4 characters per token instead")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", default=None)
     return p
 
 
@@ -161,14 +249,24 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.WARNING)
+    extra = {"benchmark": args.cmd, "torch_threads": torch.get_num_threads()}
     if args.cmd == "reuse":
         rows = bench_reuse(args)
         cols = ["history", "new", "ttft_recompute_s", "ttft_dram_s", "ttft_disk_s", "speedup_dram", "speedup_disk",
                 "record_mb"]
-    else:
+    elif args.cmd == "growth":
         rows = bench_growth(args)
         cols = ["prompt", "decode_steps", "dynamic_s", "chunked_s", "speedup", "dynamic_copied_mb"]
-    print(_write_report(rows, cols, args.json, {"benchmark": args.cmd, "torch_threads": torch.get_num_threads()}))
+    else:
+        if args.json and not args.png:
+            args.png = os.path.splitext(args.json)[0] + ".png"
+        rows, info = bench_sim(args)
+        extra.update(info)
+        cols = ["policy", "dram_gb", "disk_gb", "hit_rate", "dram_hit_rate", "disk_hit_rate", "dram_share_of_hits",
+                "prefetch_hits", "seconds"]
+        print(f"{info['sessions']} sessions, {info['turns']} turns, working set "
+              f"{info['working_set_bytes'] / 1e9:.0f} GB (mean record {info['mean_record_bytes'] / 1e9:.2f} GB)")
+    print(_write_report(rows, cols, args.json, extra))
     return 0
 
 

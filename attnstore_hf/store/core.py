@@ -59,7 +59,7 @@ class AttentionStore:
         self.namespace = self.config.namespace
         self.policy = make_policy(self.config.policy)
         self.dram = DramTier(self.config.dram_bytes, self.policy, pin=self.config.pin_memory)
-        self.disk = (DiskTier(self.config.disk_dir, self.config.disk_bytes, self.policy)
+        self.disk = (DiskTier(self.config.disk_dir, self.config.disk_bytes, self.policy, fsync=self.config.fsync)
                      if self.config.disk_dir else None)
         self._pool = ThreadPoolExecutor(self.config.save_workers, thread_name_prefix="attnstore-save")
         self._prefetch_pool = ThreadPoolExecutor(self.config.prefetch_workers, thread_name_prefix="attnstore-prefetch")
@@ -212,6 +212,7 @@ class AttentionStore:
             self._sizes[0] += rec.nbytes
             self._sizes[1] += 1
         self._prefetched.discard(rec.key)
+        self.policy.touch(rec.key)
         kept = self._put_dram(rec)
         if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
             self._write_disk_async(rec)
@@ -291,7 +292,8 @@ class AttentionStore:
         With the ``scheduler`` policy: sessions in the prefetch window at the head of the queue are loaded
         disk -> DRAM in the background and kept there; eviction takes sessions outside the queue first, then the
         furthest in the queue; sessions inside the eviction window are the last to be dropped from disk.
-        Returns the session ids a prefetch was started for. ``wait=True`` waits for those prefetches.
+        Returns the session ids a prefetch was started for. ``wait=True`` waits for those prefetches and the
+        disk writes they caused (deterministic placement, for simulations and tests).
         """
         self._check_open()
         ids = [_check_session_id(s) for s in upcoming_session_ids]
@@ -306,18 +308,20 @@ class AttentionStore:
         started, futures = [], []
         if self.disk is None:
             return started
-        for sid, key in zip(ids, head):
+        for pos, (sid, key) in enumerate(zip(ids, head)):
             with self._lock:
                 busy = key in self._prefetching or key in self._writing
             if busy or self.dram.contains(key) or not self.disk.contains(key):
                 continue
             with self._lock:
                 self._prefetching.add(key)
-            futures.append(self._prefetch_pool.submit(self._prefetch, sid, key, frozenset(head)))
+            # room may be taken from anything but the sessions ahead of this one in the queue
+            futures.append(self._prefetch_pool.submit(self._prefetch, sid, key, frozenset(head[:pos])))
             started.append(sid)
-        if wait:
+        if wait:  # the prefetches and the demotions they caused
             for f in futures:
                 f.result()
+            self.flush()
         return started
 
     def _prefetch(self, session_id: str, key: str, protect: frozenset) -> None:

@@ -23,7 +23,9 @@ class DiskTier:
 
     name = "disk"
 
-    def __init__(self, directory: str | os.PathLike, capacity_bytes: int | None, policy: Policy | None = None):
+    def __init__(self, directory: str | os.PathLike, capacity_bytes: int | None, policy: Policy | None = None,
+                 fsync: bool = True):
+        self.fsync = fsync
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.capacity = capacity_bytes
@@ -103,7 +105,8 @@ class DiskTier:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if self.fsync:
+                    os.fsync(f.fileno())
             os.replace(tmp, final)
         except BaseException:
             try:
@@ -111,19 +114,19 @@ class DiskTier:
             except OSError:
                 pass
             raise
-        try:
-            dfd = os.open(self.dir, os.O_RDONLY)
+        if self.fsync:
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+                dfd = os.open(self.dir, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                pass
         with self._lock:
             self.used += len(data) - self._index.get(key, 0)
             self._index[key] = len(data)
-        self.policy.on_insert(key, self.name)
-        self.policy.touch(key)
+        self.policy.on_insert(key, self.name)  # a demotion is not a use: the store touches on use
         return len(data)
 
     def _make_room(self, size: int, keep: str, protect=frozenset()) -> None:

@@ -74,9 +74,9 @@ class DramTier:
             return size <= free + evictable
 
     def put(self, record: SessionRecord, protect=frozenset()) -> list[SessionRecord]:
-        """Insert (or replace) ``record``; returns the records evicted to make room.
-
-        A record larger than the whole tier is not kept (it is returned as evicted itself).
+        """Insert (or replace) ``record``; returns the records evicted to make room (in the policy's order; keys
+        in ``protect`` only if nothing else is left). A record larger than the whole tier is not kept (it is
+        returned as evicted itself).
         """
         if self.pin:
             record = pin_record(record)
@@ -95,8 +95,7 @@ class DramTier:
                     evicted.append(self.remove(k))
             self._records[record.key] = record
             self.used += size
-        self.policy.on_insert(record.key, self.name)
-        self.policy.touch(record.key)
+        self.policy.on_insert(record.key, self.name)  # placement, not a use: the store touches on use
         return evicted
 
     def remove(self, key: str, _forget: bool = True) -> SessionRecord | None:

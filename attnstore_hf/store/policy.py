@@ -29,6 +29,10 @@ class Policy:
             self.last_access[key] = next(self._tick)
 
     def on_insert(self, key: str, tier: str) -> None:
+        """``key`` was written into ``tier`` (a new record, an updated one, a promotion or a demotion).
+
+        The insertion time is kept while the key stays in the tier: an update in place keeps its FIFO position.
+        """
         with self._lock:
             self.inserted.setdefault((tier, key), next(self._tick))
             self.last_access.setdefault(key, next(self._tick))
@@ -67,7 +71,8 @@ class LRUPolicy(Policy):
 
 
 class FIFOPolicy(Policy):
-    """First into the tier leaves first; updating a record that stays in the tier does not renew it."""
+    """First into the tier leaves first (textbook FIFO): neither reads nor in-place updates renew a record; a
+    record that left the tier and comes back (promotion, demotion) is a new arrival."""
 
     name = "fifo"
 
