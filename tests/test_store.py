@@ -1,0 +1,219 @@
+"""The hierarchy: byte-bounded tiers, restart, the lru / fifo / scheduler orders, prefetch and eviction windows."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnstore_hf import AttentionStore, StoreConfig
+from attnstore_hf.record import session_key
+from attnstore_hf.sim import synthetic_record
+
+BPT = 16  # bytes of K/V per token in these tests
+
+
+def rec(sid, tokens=20, salt=0, ns="default"):
+    return synthetic_record(ns, sid, list(range(tokens)), BPT, salt=salt)
+
+
+def same(a, b) -> bool:
+    return (a.token_ids == b.token_ids and len(a.layers) == len(b.layers)
+            and all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+                    for x, y in zip(a.layers, b.layers)))
+
+
+def dram_keys(store, *sids):
+    return {session_key(store.namespace, s) for s in sids}
+
+
+SIZE = rec("x").nbytes  # every record here has the same size
+
+
+def make(tmp_path, policy, dram_records=3, disk=None, **kw):
+    return AttentionStore(StoreConfig(dram_bytes=dram_records * SIZE, disk_dir=tmp_path / "kv", disk_bytes=disk,
+                                      policy=policy, fsync=False, **kw))
+
+
+# ---- eviction order ----------------------------------------------------------------------------------------------
+def test_lru_evicts_least_recently_used(tmp_path):
+    store = make(tmp_path, "lru")
+    for s in "abc":
+        store.put_record(rec(s))
+    store.get_record("a")
+    store.put_record(rec("d"))
+    assert set(store.dram.keys()) == dram_keys(store, "a", "c", "d")  # b was least recently used
+    store.close()
+
+
+def test_fifo_evicts_first_in_and_ignores_reads_and_updates(tmp_path):
+    store = make(tmp_path, "fifo")
+    for s in "abc":
+        store.put_record(rec(s))
+    store.get_record("a")             # a read does not renew
+    store.put_record(rec("b", salt=1))  # neither does an update in place
+    store.put_record(rec("d"))
+    assert set(store.dram.keys()) == dram_keys(store, "b", "c", "d")
+    store.put_record(rec("e"))
+    assert set(store.dram.keys()) == dram_keys(store, "c", "d", "e")
+    store.close()
+
+
+def test_scheduler_evicts_idle_lru_first_then_furthest_in_queue(tmp_path):
+    store = make(tmp_path, "scheduler", dram_records=4)
+    for s in "abcd":
+        store.put_record(rec(s))
+    store.plan(["c", "a"])  # c is next, then a; b and d are idle
+    order = []
+    for s in "efgh":
+        before = set(store.dram.keys())
+        store.put_record(rec(s))
+        (gone,) = before - set(store.dram.keys())
+        order.append(gone)
+    names = {session_key(store.namespace, s): s for s in "abcdefgh"}
+    # idle first in LRU order (b, d, then e and f, saved after them), queued sessions last
+    assert [names[k] for k in order] == ["b", "d", "e", "f"]
+    store.plan(["c", "a", "g"])
+    store.put_record(rec("i"))  # h is the only idle one: it goes
+    store.put_record(rec("j"))  # i, just saved, is idle (not queued): it goes before any queued session
+    assert set(store.dram.keys()) == dram_keys(store, "c", "a", "g", "j")
+    store.plan(["c", "a", "g", "j"])
+    store.put_record(rec("k"))  # everything queued: the furthest from the head (j) goes
+    assert set(store.dram.keys()) == dram_keys(store, "c", "a", "g", "k")
+    store.close()
+
+
+def test_prefetch_window_loads_head_of_queue_and_keeps_it(tmp_path):
+    store = make(tmp_path, "scheduler", dram_records=3)
+    for i in range(6):
+        store.put_record(rec(f"s{i}", salt=i))
+    store.flush()
+    assert set(store.dram.keys()) == dram_keys(store, "s3", "s4", "s5")
+    assert store.windows()[0] == 3
+    started = store.plan(["s0", "s1", "s2", "s5", "s4"], wait=True)
+    assert started == ["s0", "s1", "s2"]  # the window: DRAM / mean record size = 3 sessions
+    assert set(store.dram.keys()) == dram_keys(store, "s0", "s1", "s2")
+    r, tier = store.get_record("s1")
+    assert tier == "dram" and same(r, rec("s1", salt=1))
+    st_ = store.stats()
+    assert st_["prefetches"] == 3 and st_["prefetch_hits"] == 1
+    store.close()
+
+
+def test_eviction_window_protects_queued_sessions_on_disk(tmp_path):
+    disk_cap = None
+    store = make(tmp_path, "scheduler", dram_records=1)
+    probe = store.put_record(rec("probe")) or store.flush()
+    size_on_disk = store.disk.used
+    store.close()
+    disk_cap = 4 * size_on_disk + 10
+    store = AttentionStore(StoreConfig(dram_bytes=SIZE, disk_dir=tmp_path / "kv2", disk_bytes=disk_cap,
+                                       policy="scheduler", fsync=False))
+    for s in ("q1", "q2", "x1", "x2"):
+        store.put_record(rec(s))
+    store.flush()
+    store.plan(["q1", "q2"])  # eviction window = (DRAM + disk) / mean > 2: both protected
+    for i in range(6):
+        store.put_record(rec(f"new{i}"))
+        store.flush()
+        on_disk = set(store.disk.keys())
+        assert dram_keys(store, "q1", "q2") <= on_disk
+    assert store.stats()["evictions_disk"] >= 4
+    store.close()
+    del probe
+
+
+# ---- restart ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("write_policy", ["write_through", "write_back"])
+def test_restart_keeps_every_committed_record(tmp_path, write_policy):
+    store = make(tmp_path, "lru", dram_records=2, write_policy=write_policy)
+    for i in range(7):
+        store.put_record(rec(f"s{i}", tokens=10 + i, salt=i))
+    store.close()
+    again = make(tmp_path, "lru", dram_records=2, write_policy=write_policy)
+    assert len(again.disk) == 7
+    for i in range(7):
+        r, tier = again.get_record(f"s{i}")
+        assert tier in ("disk", "dram") and same(r, rec(f"s{i}", tokens=10 + i, salt=i))
+    again.close()
+
+
+def test_ttl_expires_records(tmp_path):
+    store = make(tmp_path, "lru", ttl_seconds=0.05)
+    store.put_record(rec("a"))
+    assert store.get_record("a")[0] is not None
+    time.sleep(0.1)
+    assert store.get_record("a") == (None, None)
+    assert store.stats()["expired"] == 1 and not store.disk.contains(session_key("default", "a"))
+    store.close()
+
+
+def test_record_larger_than_dram_goes_to_disk(tmp_path):
+    store = make(tmp_path, "lru", dram_records=1)
+    big = rec("big", tokens=200)
+    store.put_record(big)
+    store.flush()
+    assert len(store.dram) == 0
+    r, tier = store.get_record("big")
+    assert tier == "disk" and same(r, big)
+    store.close()
+
+
+# ---- properties --------------------------------------------------------------------------------------------------
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 5), st.integers(1, 60)),
+        st.tuples(st.just("get"), st.integers(0, 5), st.just(0)),
+        st.tuples(st.just("plan"), st.lists(st.integers(0, 5), max_size=6), st.just(0)),
+        st.tuples(st.just("restart"), st.just(0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "scheduler"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_invariants_hold_for_any_sequence(tmp_path_factory, policy, ops):
+    d = tmp_path_factory.mktemp("prop")
+    cfg = dict(dram_bytes=3 * rec("x", tokens=30).nbytes, disk_dir=d, disk_bytes=6000, policy=policy, fsync=False)
+    store = AttentionStore(StoreConfig(**cfg))
+    latest = {}
+    version = 0
+    try:
+        for op, a, b in ops:
+            if op == "put":
+                version += 1
+                r = rec(f"s{a}", tokens=b, salt=version)
+                store.put_record(r)
+                latest[f"s{a}"] = r
+            elif op == "get":
+                got, tier = store.get_record(f"s{a}")
+                if got is not None:  # a hit is always the last version saved, byte for byte
+                    assert same(got, latest[f"s{a}"]), (a, tier)
+            elif op == "plan":
+                store.plan([f"s{x}" for x in a], wait=True)
+            else:
+                store.close()
+                store = AttentionStore(StoreConfig(**cfg))
+            store.flush()
+            assert store.dram.used <= store.dram.capacity
+            assert store.dram.used == sum(store.dram.peek(k).nbytes for k in store.dram.keys())
+            files = {p.name[:64]: p.stat().st_size for p in d.iterdir()}
+            assert files == dict(store.disk._index)  # the index is exactly what is on disk
+            assert store.disk.used == sum(files.values()) <= store.disk.capacity
+    finally:
+        store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dram_records_are_pinned_on_cuda(tmp_path):
+    store = make(tmp_path, "lru")
+    store.put_record(rec("a"))
+    r, _ = store.get_record("a")
+    assert all(lay.keys.is_pinned() and lay.values.is_pinned() for lay in r.layers)
+    store.close()
