@@ -230,8 +230,20 @@ class AttentionStoreCache(Cache):
         self.input_ids: torch.Tensor | None = None
         self.source: str | None = None  # tier the restored record came from ("dram", "disk") or None
         self.load_seconds = 0.0
+        self.truncated = 0              # tokens dropped by truncation for this turn
+        self.user_ids: list[int] | None = None   # the ids cache_for was given (the user's coordinates)
+        self.origin_ids: list[int] = []           # user-coordinate ids of a record restored from a truncated one
+        self._expect_first: int | None = None     # new tokens the first forward must bring (guards truncation)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self._expect_first is not None:
+            expected, self._expect_first = self._expect_first, None
+            if key_states.shape[-2] != expected:
+                raise ValueError(
+                    f"the conversation was truncated or remapped for this turn: pass cache.input_ids to generate() "
+                    f"(expected {expected} new tokens after the {self.reused_tokens} restored, got "
+                    f"{key_states.shape[-2]})"
+                )
         raw = self._patch.take(layer_idx)
         if raw is not None and raw.shape != key_states.shape:
             raw = None
@@ -276,29 +288,57 @@ def reusable_length(record, cache: AttentionStoreCache, input_ids: list[int]) ->
     return r
 
 
+def window_indices(record, cache: AttentionStoreCache, keep: torch.Tensor) -> list[torch.Tensor] | None:
+    """Per layer, which of the kept record tokens (``keep``: token indices, ascending) the layer must hold, as
+    indices into that layer's stored tensors; ``None`` if a sliding layer no longer has them."""
+    out = []
+    for lay, work in zip(record.layers, cache.layers):
+        idx = keep
+        if isinstance(work, SlidingLayer):
+            idx = keep[max(0, keep.numel() - (work.sliding_window - 1)):]
+        local = idx - lay.start
+        if local.numel() and (int(local[0]) < 0 or int(local[-1]) >= lay.length):
+            return None
+        out.append(local)
+    return out
+
+
 @torch.no_grad()
-def restore(cache: AttentionStoreCache, model, record, reuse: int, total_len: int) -> None:
-    """Fill ``cache`` with the first ``reuse`` tokens of ``record``, keys re-rotated for their positions."""
+def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
+            total_len: int) -> bool:
+    """Fill ``cache`` with the record tokens ``keep`` (indices, ascending), their keys rotated for ``positions``.
+
+    Without truncation ``keep == positions == arange(reuse)``. With positional-encoding-decoupled truncation,
+    ``keep`` skips the dropped tokens and ``positions`` re-embeds the kept ones contiguously. Returns ``False``
+    (cache untouched) if a sliding layer does not hold what it needs.
+    """
+    per_layer = window_indices(record, cache, keep)
+    if per_layer is None:
+        return False
     adapter = cache._patch.adapter
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    span = max(total_len, int(positions.max()) + 1 if positions.numel() else 0)
+    contiguous = bool(keep.numel()) and int(keep[-1]) - int(keep[0]) + 1 == keep.numel()
     tables: dict = {}
-    for i, (lay, work) in enumerate(zip(record.layers, cache.layers)):
-        if isinstance(work, SlidingLayer):
-            first = max(0, reuse - (work.sliding_window - 1))
+    for i, (lay, work, local) in enumerate(zip(record.layers, cache.layers, per_layer)):
+        if contiguous:  # slicing keeps the common case copy-free until the device transfer
+            a = int(local[0]) if local.numel() else 0
+            raw, values = lay.keys[:, :, a : a + local.numel()], lay.values[:, :, a : a + local.numel()]
         else:
-            first = 0
-        a, b = first - lay.start, reuse - lay.start
-        raw = lay.keys[:, :, a:b].to(device=device, dtype=dtype, non_blocking=True)
-        values = lay.values[:, :, a:b].to(device=device, dtype=dtype, non_blocking=True)
+            raw, values = lay.keys[:, :, local], lay.values[:, :, local]
+        raw = raw.to(device=device, dtype=dtype, non_blocking=True)
+        values = values.to(device=device, dtype=dtype, non_blocking=True)
         ltype = adapter.layer_type(model, i)
         if ltype not in tables:
-            full = torch.arange(total_len, device=device).unsqueeze(0)
+            full = torch.arange(span, device=device).unsqueeze(0)
             tables[ltype] = adapter.rope_tables(model, i, full, dtype, device)
         cos, sin = tables[ltype]
-        keys = apply_rope(raw, cos[:, first:reuse], sin[:, first:reuse])
+        pos = positions[positions.numel() - local.numel():].to(cos.device)
+        keys = apply_rope(raw, cos[:, pos], sin[:, pos])
         if isinstance(work, SlidingLayer):
-            work.restore(keys, values, raw, cumulative_length=reuse)
+            work.restore(keys, values, raw, cumulative_length=keep.numel())
         else:
             work.restore(keys, values, raw)
-    cache.reused_tokens = reuse
+    cache.reused_tokens = keep.numel()
+    return True

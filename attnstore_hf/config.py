@@ -66,6 +66,14 @@ class StoreConfig:
         ttl_seconds: records not saved for this long are dropped when next looked at (``None``: never).
         pin_memory: keep DRAM records in page-locked memory when CUDA is available.
         fsync: make each disk write durable before it counts (turn off only for simulations).
+        max_context: context window in tokens; ``None`` = the model's ``max_position_embeddings``.
+        truncation: what to do when a turn (plus ``reserve_tokens``) overflows the window: ``"ca"`` drop the
+            oldest stored K/V and re-embed positions (no recompute, default), ``"tt"`` drop the same tokens and
+            recompute the kept ones, ``"nkvt"`` keep the kept keys at their old positions (a baseline),
+            ``"off"`` do nothing.
+        truncation_ratio: share of the history dropped when truncating (the paper's default 0.5).
+        keep_prefix: leading tokens never dropped (system prompt, attention sinks).
+        reserve_tokens: room kept free for the reply when deciding whether a turn overflows.
     """
 
     dram_bytes: int | str | None = "2GB"
@@ -80,6 +88,11 @@ class StoreConfig:
     ttl_seconds: float | None = None
     pin_memory: bool = True
     fsync: bool = True
+    max_context: int | None = None
+    truncation: str = "ca"
+    truncation_ratio: float = 0.5
+    keep_prefix: int = 0
+    reserve_tokens: int = 256
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,5 +117,13 @@ class StoreConfig:
             raise ConfigError(f"ttl_seconds must be > 0 or None, got {self.ttl_seconds!r}")
         if self.prefetch_workers < 1:
             raise ConfigError(f"prefetch_workers must be >= 1, got {self.prefetch_workers}")
+        if self.truncation not in ("ca", "tt", "nkvt", "off"):
+            raise ConfigError(f"truncation must be 'ca', 'tt', 'nkvt' or 'off', got {self.truncation!r}")
+        if not 0.0 < self.truncation_ratio < 1.0:
+            raise ConfigError(f"truncation_ratio must be in (0, 1), got {self.truncation_ratio!r}")
+        if self.keep_prefix < 0 or self.reserve_tokens < 0:
+            raise ConfigError("keep_prefix and reserve_tokens must be >= 0")
+        if self.max_context is not None and self.max_context < 2:
+            raise ConfigError(f"max_context must be >= 2, got {self.max_context!r}")
         if self.save_workers < 1:
             raise ConfigError(f"save_workers must be >= 1, got {self.save_workers}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ _COUNTERS = (
     "lookups", "hits", "hits_dram", "hits_disk", "misses", "partial_hits", "rejected_records", "expired",
     "reused_tokens", "prefilled_tokens", "saves", "prefetches", "prefetch_hits", "evictions_dram",
     "evictions_disk", "disk_writes", "disk_write_errors", "bytes_written_disk", "bytes_read_disk",
-    "bytes_written_dram", "loads", "load_seconds", "save_seconds",
+    "bytes_written_dram", "loads", "load_seconds", "restore_seconds", "save_seconds",
 )
 
 
@@ -125,30 +126,52 @@ class AttentionStore:
     def cache_for(self, model, session_id: str, input_ids) -> AttentionStoreCache:
         """An :class:`AttentionStoreCache` for this turn, holding whatever of ``input_ids`` the store can restore.
 
-        ``input_ids`` is the whole conversation so far (history + new message). Pass the same ids to
-        ``model.generate(..., past_key_values=cache)``; only the tokens past ``cache.reused_tokens`` are prefilled.
+        ``input_ids`` is the whole conversation so far (history + new message). Pass ``cache.input_ids`` to
+        ``model.generate(..., past_key_values=cache)``: it equals ``input_ids`` unless the conversation outgrew
+        the context window and was truncated (then it is the kept tokens plus the new ones). Only the tokens
+        past ``cache.reused_tokens`` are prefilled.
         """
         self._check_open()
         session_id = _check_session_id(session_id)
-        ids = _as_ids(input_ids)
+        user_ids = _as_ids(input_ids)
         t0 = time.perf_counter()
         cache = AttentionStoreCache(model, session_id=session_id)
-        cache.input_ids = ids
         fingerprint = cache._patch.fingerprint(model)
         self._count("lookups")
         rec, tier = self.get_record(session_id)
-        reuse = 0
         if rec is not None:
             dtype = dtype_name(next(model.parameters()).dtype)
             if rec.fingerprint != fingerprint or rec.dtype != dtype:
                 log.warning("session %r: stored record was written by another model or dtype (%s); recomputing",
                             session_id, rec.dtype)
                 self._count("rejected_records")
-            else:
-                reuse = reusable_length(rec, cache, ids[0].tolist())
+                rec = None
+        ids = user_ids[0].tolist()
+        # a record of a truncated conversation keeps the user's coordinates: map them to the kept tokens
+        origin = rec.meta.get("origin_ids") if rec is not None else None
+        if origin and ids[: len(origin)] == origin:
+            ids = rec.token_ids + ids[len(origin):]
+            cache.origin_ids = list(origin)
+        else:
+            cache.origin_ids = []
+        reuse = reusable_length(rec, cache, ids) if rec is not None else 0
+        keep = torch.arange(reuse)
+        dropped = 0
+        limit = self._context_limit(model)
+        if len(ids) + self.config.reserve_tokens > limit and self.config.truncation != "off":
+            ids, keep, dropped = self._truncate(ids, reuse, limit)
+            cache.truncated = dropped
+        positions = torch.arange(keep.numel()) if self.config.truncation != "nkvt" else keep
+        if keep.numel() and not restore(cache, model, rec, keep, positions, len(ids)):
+            log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", session_id)
+            keep = keep[:0]
+        reuse = keep.numel()
+        cache.input_ids = torch.tensor([ids], dtype=torch.long, device=user_ids.device)
+        cache.user_ids = user_ids[0].tolist()
+        if ids != cache.user_ids:
+            cache._expect_first = len(ids) - keep.numel()
         if reuse > 0:
-            restore(cache, model, rec, reuse, ids.shape[1])
-            cache.prefix_ids = rec.token_ids[:reuse]
+            cache.prefix_ids = ids[:reuse]
             cache.source = tier
             self._count("hits")
             self._count(f"hits_{tier}")
@@ -158,11 +181,41 @@ class AttentionStore:
             self._count("misses")
         cache.load_seconds = time.perf_counter() - t0
         self._count("reused_tokens", reuse)
-        self._count("prefilled_tokens", ids.shape[1] - reuse)
-        self._count("load_seconds", cache.load_seconds)
-        log.debug("session %r: %d tokens, %d restored from %s, %d to prefill (%.1f ms)", session_id,
-                  ids.shape[1], reuse, tier or "-", ids.shape[1] - reuse, cache.load_seconds * 1e3)
+        self._count("prefilled_tokens", len(ids) - reuse)
+        self._count("restore_seconds", cache.load_seconds)
+        log.debug("session %r: %d tokens%s, %d restored from %s, %d to prefill (%.1f ms)", session_id, len(ids),
+                  f" ({dropped} dropped by truncation)" if dropped else "", reuse, tier or "-", len(ids) - reuse,
+                  cache.load_seconds * 1e3)
         return cache
+
+    def _context_limit(self, model) -> int:
+        if self.config.max_context is not None:
+            return self.config.max_context
+        text = model.config.get_text_config(decoder=True)
+        return int(getattr(text, "max_position_embeddings", None) or 1 << 62)
+
+    def _truncate(self, ids: list[int], reuse: int, limit: int) -> tuple[list[int], torch.Tensor, int]:
+        """Drop the oldest tokens after ``keep_prefix`` so that the turn fits ``limit`` (minus the reserve).
+
+        Drops ``truncation_ratio`` of the history (at least what is needed). ``ca``/``nkvt``: the dropped span is
+        taken from the restorable prefix, and the kept record tokens are reused. ``tt``: the same span is
+        dropped and everything kept is recomputed. Returns (new ids, record indices to restore, dropped).
+        """
+        cfg = self.config
+        budget = limit - cfg.reserve_tokens
+        if budget <= cfg.keep_prefix:
+            raise ValueError(f"max_context ({limit}) - reserve_tokens ({cfg.reserve_tokens}) leaves no room after "
+                             f"keep_prefix ({cfg.keep_prefix})")
+        p = min(cfg.keep_prefix, len(ids))
+        need = len(ids) - budget
+        want = max(need, math.ceil(cfg.truncation_ratio * (len(ids) - p)))
+        drop = min(want, len(ids) - p - 1)
+        kept_ids = ids[:p] + ids[p + drop:]
+        if cfg.truncation == "tt" or reuse <= p + drop:
+            keep = torch.arange(min(reuse, p)) if cfg.truncation != "tt" else torch.arange(0)
+        else:
+            keep = torch.cat([torch.arange(p), torch.arange(p + drop, reuse)])
+        return kept_ids, keep, drop
 
     # ---- save ---------------------------------------------------------------------------------------------
     def record_from_cache(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
@@ -183,8 +236,13 @@ class AttentionStore:
         dtype = dtype_name(layers[0].keys.dtype) if layers else "float32"
         fingerprint = cache._patch._fingerprint or ""
         # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete
-        return SessionRecord(self.namespace, session_id, fingerprint, dtype, seq[:n], layers,
-                             meta={"tail_ids": seq[n:]})
+        meta = {"tail_ids": seq[n:]}
+        if cache.user_ids is not None and cache.input_ids is not None:
+            offset = len(cache.user_ids) - cache.input_ids.shape[1]
+            if offset > 0:  # truncated: remember the user's coordinates of what the record holds
+                origin = cache.user_ids + seq[cache.input_ids.shape[1]:]
+                meta["origin_ids"] = origin[: n + offset]
+        return SessionRecord(self.namespace, session_id, fingerprint, dtype, seq[:n], layers, meta=meta)
 
     def save(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
         """Store the conversation held by ``cache``. ``sequences`` is generate()'s output (prompt + reply).
