@@ -1,0 +1,160 @@
+"""Positional-encoding-decoupled truncation: drop the oldest stored K/V, re-embed positions, no recompute."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import greedy, random_ids, tiny_model
+
+MAXCTX = 48
+
+
+def capture_reference_kv(model, ids):
+    """Pre-RoPE keys and values of every layer from a plain forward, captured by hooks written here."""
+    keys, values = {}, {}
+    hooks = []
+    T = ids.shape[1]
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        kmod = getattr(attn, "k_norm", None) or attn.k_proj
+        hd = attn.head_dim
+
+        def kh(m, a, out, i=i, hd=hd):
+            out = out.detach()
+            if out.dim() == 3:
+                out = out.view(out.shape[0], T, -1, hd)
+            keys[i] = out.transpose(1, 2) if out.shape[1] == T else out
+
+        def vh(m, a, out, i=i, hd=hd):
+            values[i] = out.detach().view(out.shape[0], T, -1, hd).transpose(1, 2)
+
+        hooks += [kmod.register_forward_hook(kh), attn.v_proj.register_forward_hook(vh)]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return keys, values
+
+
+def reference_cache(model, ids_hist, keep):
+    """A plain DynamicCache holding the kept tokens, keys rotated at their new positions 0..len(keep)-1."""
+    mod = importlib.import_module(type(model).__module__)
+    keys, values = capture_reference_kv(model, ids_hist)
+    cache = DynamicCache(config=model.config)
+    pos = torch.arange(len(keep)).unsqueeze(0)
+    types = getattr(model.config, "layer_types", None)
+    for i in range(len(model.model.layers)):
+        k, v = keys[i][:, :, keep], values[i][:, :, keep]
+        if isinstance(model.model.rotary_emb.rope_type, dict):  # per-layer-type RoPE (Gemma 3)
+            cos, sin = model.model.rotary_emb(k, pos, types[i])
+        else:
+            cos, sin = model.model.rotary_emb(k, pos)
+        _, k_rot = mod.apply_rotary_pos_emb(k, k, cos, sin)
+        cache.layers[i].update(k_rot, v)
+    return cache
+
+
+def two_turns(model, store, first=30, user=20):
+    ids = random_ids(first, 1)
+    c1 = store.cache_for(model, "s", ids)
+    out1 = greedy(model, c1.input_ids, c1)
+    store.save("s", c1, out1.sequences)
+    ids2 = torch.cat([out1.sequences, random_ids(user, 2)], dim=1)
+    return out1, ids2
+
+
+@pytest.mark.parametrize("fam", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("keep_prefix", [0, 4])
+def test_ca_truncation_equals_independent_reference(fam, keep_prefix, store_factory):
+    model = tiny_model(fam)
+    store = store_factory(max_context=MAXCTX, reserve_tokens=0, keep_prefix=keep_prefix)
+    out1, ids2 = two_turns(model, store)
+    n_hist = out1.sequences.shape[1] - 1  # tokens with KV in the record
+    cache = store.cache_for(model, "s", ids2)
+    drop = cache.truncated
+    assert drop >= ids2.shape[1] - MAXCTX and drop > 0
+    kept_ids = torch.cat([ids2[:, :keep_prefix], ids2[:, keep_prefix + drop:]], dim=1)
+    assert torch.equal(cache.input_ids, kept_ids) and kept_ids.shape[1] <= MAXCTX
+    keep = list(range(keep_prefix)) + list(range(keep_prefix + drop, n_hist))
+    if fam == "gemma3" and keep_prefix:
+        # the sliding layers (window 8) would need the kept prefix tokens, which their records do not hold:
+        # a documented fallback to recomputing the kept tokens (TT), still exact
+        assert cache.reused_tokens == 0
+        ours, ref = greedy(model, cache.input_ids, cache), greedy(model, kept_ids)
+        assert torch.equal(ours.sequences, ref.sequences)
+        assert (ours.logits[0] - ref.logits[0]).abs().max().item() <= 1e-4
+        return
+    assert cache.reused_tokens == len(keep)  # no kept token is recomputed
+
+    # layer 0's K/V depend on token and position only: equal to TT (recompute of the kept tokens)
+    tt = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(kept_ids[:, : len(keep)], past_key_values=tt, use_cache=True)
+    n0 = cache.layers[0].keys.shape[-2]
+    assert torch.allclose(cache.layers[0].keys, tt.layers[0].keys[:, :, -n0:], atol=1e-6)
+    assert torch.allclose(cache.layers[0].values, tt.layers[0].values[:, :, -n0:], atol=1e-6)
+
+    ours = greedy(model, cache.input_ids, cache)
+    ref = greedy(model, kept_ids, reference_cache(model, ids2[:, :n_hist], keep))
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits)) <= 1e-4
+
+    # the record stays valid: the next turn restores all of it, nothing kept is recomputed
+    store.save("s", cache, ours.sequences)
+    ids3 = torch.cat([ours.sequences, random_ids(5, 3)], dim=1)
+    assert ids3.shape[1] <= MAXCTX  # fits: no second truncation in this turn
+    c3 = store.cache_for(model, "s", ids3)
+    assert c3.truncated == 0 and c3.reused_tokens == ours.sequences.shape[1] - 1
+    kept_in_memory = greedy(model, ids3, cache)  # transformers' recipe: the same cache kept in memory
+    restored = greedy(model, c3.input_ids, c3)
+    assert torch.equal(kept_in_memory.sequences, restored.sequences)
+    for a, b in zip(kept_in_memory.logits, restored.logits):
+        assert torch.equal(a, b)
+
+
+def test_tt_recomputes_the_kept_tokens(store_factory):
+    model = tiny_model("llama")
+    store = store_factory(max_context=MAXCTX, reserve_tokens=0, truncation="tt")
+    _, ids2 = two_turns(model, store)
+    cache = store.cache_for(model, "s", ids2)
+    assert cache.truncated > 0 and cache.reused_tokens == 0
+    ours, ref = greedy(model, cache.input_ids, cache), greedy(model, cache.input_ids)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert (ours.logits[0] - ref.logits[0]).abs().max().item() <= 1e-4
+
+
+def test_nkvt_keeps_old_positions_and_differs(store_factory, tmp_path):
+    model = tiny_model("llama")
+    ca_store = store_factory(max_context=MAXCTX, reserve_tokens=0, disk_dir=tmp_path / "ca")
+    nk_store = store_factory(max_context=MAXCTX, reserve_tokens=0, truncation="nkvt", disk_dir=tmp_path / "nk")
+    _, ids2 = two_turns(model, ca_store)
+    two_turns(model, nk_store)
+    ca, nk = ca_store.cache_for(model, "s", ids2), nk_store.cache_for(model, "s", ids2)
+    assert torch.equal(ca.input_ids, nk.input_ids) and ca.reused_tokens == nk.reused_tokens > 0
+    assert not torch.equal(ca.layers[0].keys, nk.layers[0].keys)  # same tokens, other rotation
+    assert torch.equal(ca.layers[0].values, nk.layers[0].values)
+    a, b = greedy(model, ca.input_ids, ca), greedy(model, nk.input_ids, nk)
+    assert (a.logits[0] - b.logits[0]).abs().max().item() > 1e-3
+
+
+def test_full_coordinates_are_mapped_and_misuse_is_caught(store_factory):
+    model = tiny_model("llama")
+    store = store_factory(max_context=MAXCTX, reserve_tokens=0)
+    _, ids2 = two_turns(model, store)
+    cache = store.cache_for(model, "s", ids2)
+    out = greedy(model, cache.input_ids, cache)
+    store.save("s", cache, out.sequences)
+    # the user keeps the whole conversation in their own coordinates
+    full = torch.cat([ids2, out.sequences[:, cache.input_ids.shape[1]:], random_ids(3, 9)], dim=1)
+    c3 = store.cache_for(model, "s", full)
+    assert c3.reused_tokens == out.sequences.shape[1] - 1
+    assert torch.equal(c3.input_ids, torch.cat([out.sequences, full[:, -3:]], dim=1))
+    with pytest.raises(ValueError, match="pass cache.input_ids"):
+        greedy(model, full, c3)
+    c3 = store.cache_for(model, "s", full)
+    ok = greedy(model, c3.input_ids, c3)
+    assert ok.sequences.shape[1] == c3.input_ids.shape[1] + 5
