@@ -1,0 +1,25 @@
+"""The accuracy evaluation runs end to end on the real model (tiny settings) and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_eval_accuracy_small_run(tmp_path):
+    out = tmp_path / "acc.json"
+    r = subprocess.run([sys.executable, "scripts/eval_accuracy.py", "--window", "256", "--conversations", "1",
+                        "--samples", "1", "--max-turns", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["perplexity"]) == {"CA", "TT", "NKVT"}
+    assert data["n_tokens"] > 100 and data["truncations"] >= 1
+    assert all(1.0 < p < 1e6 for p in data["perplexity"].values())
+    assert set(data["retrieval_accuracy"]) == {"CA", "TT", "NKVT", "full"}
+    assert data["ppl_rel_delta_vs_TT"]["TT"] == 0.0
