@@ -24,7 +24,7 @@ class ModelPatch:
         self.handles: list = []
         self._local = threading.local()
         self._fingerprint: str | None = None
-        self.layer_types: list[str | None] = []
+        self.kv_shapes: list[tuple[int, int]] = []  # (kv heads, head_dim) per layer
         layers = adapter.layers(model)
         for layer in layers:
             attn = adapter.attention(layer)
@@ -34,6 +34,7 @@ class ModelPatch:
             head_dim = adapter.head_dim(layer)
             hook = adapter.capture_module(layer).register_forward_hook(self._make_hook(layer_idx, head_dim))
             self.handles.append(hook)
+            self.kv_shapes.append((attn.k_proj.out_features // head_dim, head_dim))
         self.num_layers = len(layers)
 
     def _make_hook(self, layer_idx: int, head_dim: int):

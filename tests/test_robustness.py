@@ -63,7 +63,8 @@ def test_damaged_file_is_a_miss(damage, store_factory, tmp_path, caplog):
         cache, out = assert_miss_but_correct(model, fresh, ids)
     assert "rejected" in caplog.text
     assert fresh.stats()["rejected_records"] == 1
-    assert not path.exists()  # the bad file is gone ...
+    assert not path.exists()  # the bad file is out of the way (quarantined) ...
+    assert len(list((tmp_path / "kv" / "quarantine").iterdir())) == 1
     fresh.save("s", cache, out.sequences)
     fresh.close()
     again = store_factory()  # ... and replaced by a good one
@@ -116,7 +117,7 @@ def test_hostile_session_ids_stay_inside_disk_dir(store_factory, tmp_path):
     store = store_factory()
     ids = {sid: first_turn(model, store, session=sid, seed=i) for i, sid in enumerate(HOSTILE)}
     store.close()
-    files = sorted(p.name for p in (tmp_path / "kv").iterdir())
+    files = sorted(p.name for p in (tmp_path / "kv").glob("*.safetensors"))
     assert len(files) == len(HOSTILE)
     assert all(len(f) == 64 + len(".safetensors") for f in files)
     assert sorted(os.listdir(tmp_path)) == ["kv"]
@@ -129,7 +130,7 @@ def test_leftover_temp_files_are_cleaned(store_factory, tmp_path):
     (tmp_path / "kv").mkdir()
     (tmp_path / "kv" / f"{'a' * 64}.123.456.tmp").write_bytes(b"half a record")
     store_factory()
-    assert list((tmp_path / "kv").iterdir()) == []
+    assert [p.name for p in (tmp_path / "kv").iterdir()] == [".lock"]
 
 
 def test_decoder_rejects_every_kind_of_garbage():
@@ -168,7 +169,7 @@ def test_full_disk_keeps_serving_from_dram(tiny_fs, caplog):
             ids = first_turn(model, store)  # the record (about 35 kB) does not fit on a 16 kB disk
         assert store.stats()["disk_write_errors"] == 1
         assert "could not write" in caplog.text
-        assert [p for p in tiny_fs.iterdir()] == []  # no half-written file left behind
+        assert [p.name for p in tiny_fs.iterdir()] == [".lock"]  # no half-written file left behind
         cache = store.cache_for(model, "s", ids)
         assert cache.reused_tokens > 0 and cache.source == "dram"
         out, ref = greedy(model, ids, cache), greedy(model, ids)

@@ -40,6 +40,16 @@ def _as_ids(input_ids) -> torch.Tensor:
     return ids.long()
 
 
+def _shapes_match(rec: SessionRecord, kv_shapes: list[tuple[int, int]]) -> bool:
+    if len(rec.layers) != len(kv_shapes):
+        return False
+    for lay, (heads, dim) in zip(rec.layers, kv_shapes):
+        for t in (lay.keys, lay.values):
+            if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != heads or t.shape[3] != dim:
+                return False
+    return True
+
+
 def _check_session_id(session_id) -> str:
     if not isinstance(session_id, str) or not session_id:
         raise ValueError(f"session_id must be a non-empty str, got {session_id!r}")
@@ -103,10 +113,10 @@ class AttentionStore:
                     rec, tier = SessionRecord.from_bytes(data, expect_namespace=self.namespace,
                                                          expect_session=session_id), "disk"
                 except RecordError as exc:
-                    log.warning("session %r: disk record rejected (%s); recomputing and replacing it",
+                    log.warning("session %r: disk record rejected (%s); quarantined, recomputing",
                                 session_id, exc)
                     self._count("rejected_records")
-                    self.disk.remove(key)
+                    self.disk.quarantine(key, str(exc))
                     rec = None
         if rec is not None and self._expired(rec):
             self._count("expired")
@@ -144,6 +154,11 @@ class AttentionStore:
             if rec.fingerprint != fingerprint or rec.dtype != dtype:
                 log.warning("session %r: stored record was written by another model or dtype (%s); recomputing",
                             session_id, rec.dtype)
+                self._count("rejected_records")
+                rec = None
+            elif not _shapes_match(rec, cache._patch.kv_shapes):
+                log.warning("session %r: stored record's tensor shapes do not fit this model; recomputing",
+                            session_id)
                 self._count("rejected_records")
                 rec = None
         ids = user_ids[0].tolist()
@@ -390,9 +405,9 @@ class AttentionStore:
             try:
                 rec = SessionRecord.from_bytes(data, expect_namespace=self.namespace, expect_session=session_id)
             except RecordError as exc:
-                log.warning("session %r: disk record rejected during prefetch (%s)", session_id, exc)
+                log.warning("session %r: disk record rejected during prefetch (%s); quarantined", session_id, exc)
                 self._count("rejected_records")
-                self.disk.remove(key)
+                self.disk.quarantine(key, str(exc))
                 return
             if not self.dram.fits(rec.nbytes, protect):
                 return  # would push out a session nearer the head of the queue

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..record import SessionRecord
@@ -13,12 +16,17 @@ from .policy import LRUPolicy, Policy
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
+QUARANTINE = "quarantine"
+LOCK = ".lock"
 
 
 class DiskTier:
     """contains / get / put / remove / prefetch over record files in ``directory``, bounded in bytes.
 
     The index (key -> file size) always equals the record files in the directory; sizes are the files' sizes.
+    Several processes may share a directory: writes and evictions hold an advisory lock on ``.lock``, readers
+    see whole files only (atomic rename), and a key missing from this process's index is looked up on disk.
+    Rejected files are moved to ``quarantine/`` (kept for inspection, never read again).
     """
 
     name = "disk"
@@ -36,18 +44,32 @@ class DiskTier:
         self.evictions = 0
         self._rebuild_index()
 
+    @contextmanager
+    def _dir_lock(self):
+        """Serialise writers across processes sharing the directory (advisory flock)."""
+        with self._lock:
+            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
     def _rebuild_index(self) -> None:
         found = []
-        for p in self.dir.iterdir():
-            if p.name.endswith(TMP_SUFFIX):  # a write interrupted by a crash: never a valid record
-                try:
-                    p.unlink()
-                    log.info("removed leftover temporary file %s", p)
-                except OSError:
-                    pass
-            elif p.name.endswith(SUFFIX) and len(p.name) == 64 + len(SUFFIX):
-                st = p.stat()
-                found.append((st.st_mtime, p.name[: -len(SUFFIX)], st.st_size))
+        with self._dir_lock():
+            for p in self.dir.iterdir():
+                if p.name.endswith(TMP_SUFFIX):  # a write interrupted by a crash: never a valid record
+                    if self._stale_tmp(p):
+                        try:
+                            p.unlink()
+                            log.info("removed leftover temporary file %s", p)
+                        except OSError:
+                            pass
+                elif p.name.endswith(SUFFIX) and len(p.name) == 64 + len(SUFFIX):
+                    st = p.stat()
+                    found.append((st.st_mtime, p.name[: -len(SUFFIX)], st.st_size))
         for _, key, size in sorted(found):  # oldest first, so LRU/FIFO start from file age
             self._index[key] = size
             self.used += size
@@ -63,12 +85,45 @@ class DiskTier:
     def path(self, key: str) -> Path:
         return self.dir / f"{key}{SUFFIX}"
 
+    @staticmethod
+    def _stale_tmp(p: Path) -> bool:
+        """A temp file whose writer is gone (another live process may be writing it right now)."""
+        parts = p.name.split(".")
+        try:
+            pid = int(parts[1])
+        except (IndexError, ValueError):
+            return True
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return time.time() - p.stat().st_mtime > 3600
+
     def contains(self, key: str) -> bool:
-        return key in self._index
+        if key in self._index:
+            return True
+        return self._discover(key)
+
+    def _discover(self, key: str) -> bool:
+        """Pick up a record another process sharing the directory has committed."""
+        try:
+            size = self.path(key).stat().st_size
+        except OSError:
+            return False
+        with self._lock:
+            if key not in self._index:
+                self._index[key] = size
+                self.used += size
+        self.policy.on_insert(key, self.name)
+        return True
 
     def get_bytes(self, key: str, touch: bool = True) -> bytes | None:
         """Raw bytes of a record file (decoding and verification are the caller's)."""
-        if key not in self._index:
+        if not self.contains(key):
             return None
         try:
             data = self.path(key).read_bytes()
@@ -97,8 +152,13 @@ class DiskTier:
         key = record.key
         if self.capacity is not None and len(data) > self.capacity:
             raise OSError(28, f"record of {len(data)} bytes exceeds the disk tier capacity ({self.capacity})")
-        with self._lock:
+        with self._dir_lock():
             self._make_room(len(data), keep=key, protect=protect)
+            self._write_file(key, data)
+        self.policy.on_insert(key, self.name)  # a demotion is not a use: the store touches on use
+        return len(data)
+
+    def _write_file(self, key: str, data: bytes) -> None:
         final = self.path(key)
         tmp = self.dir / f"{key}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
         try:
@@ -126,8 +186,6 @@ class DiskTier:
         with self._lock:
             self.used += len(data) - self._index.get(key, 0)
             self._index[key] = len(data)
-        self.policy.on_insert(key, self.name)  # a demotion is not a use: the store touches on use
-        return len(data)
 
     def _make_room(self, size: int, keep: str, protect=frozenset()) -> None:
         if self.capacity is None:
@@ -160,3 +218,23 @@ class DiskTier:
             pass
         self.policy.on_remove(key, self.name)
         return had
+
+    def quarantine(self, key: str, reason: str = "") -> Path | None:
+        """Move a rejected record file out of the way (``quarantine/<key>.<time>.bad``); it is never read again."""
+        self._drop_index(key)
+        self.policy.on_remove(key, self.name)
+        qdir = self.dir / QUARANTINE
+        try:
+            qdir.mkdir(exist_ok=True)
+            dest = qdir / f"{key}.{time.time_ns()}.bad"
+            os.replace(self.path(key), dest)
+            log.info("quarantined %s (%s)", dest, reason)
+            return dest
+        except FileNotFoundError:
+            return None
+        except OSError:  # cannot move it (full disk, permissions): at least never read it again
+            try:
+                self.path(key).unlink()
+            except OSError:
+                pass
+            return None
