@@ -41,7 +41,8 @@ def _teacher_forced_turn(model, store, sid: str, ids: list[int]):
 
 # ---- (a) perplexity ---------------------------------------------------------------------------------------------
 def conversations_for_ppl(tok, n: int, min_tokens: int, max_turns: int) -> list[list[list[int]]]:
-    """ShareGPT conversations (as per-turn token lists) long enough to overflow the window."""
+    """The first ``n`` ShareGPT conversations (as per-turn token lists, at most ``max_turns`` turns) whose turns
+    add up to at least ``min_tokens``, so that they overflow the window."""
     from datasets import Dataset
 
     from ..data import iter_sharegpt
@@ -49,24 +50,20 @@ def conversations_for_ppl(tok, n: int, min_tokens: int, max_turns: int) -> list[
     rows = []
     for conv in iter_sharegpt():
         msgs = [m for m in conv["conversations"] if m.get("from") in ("human", "gpt")]
-        turns = []
-        for i in range(0, len(msgs) - 1, 2):
-            if msgs[i]["from"] == "human" and msgs[i + 1]["from"] == "gpt":
-                turns.append(f"User: {msgs[i]['value']}\nAssistant: {msgs[i + 1]['value']}\n")
-        if len(turns) < 3:
+        turns = [f"User: {msgs[i]['value']}\nAssistant: {msgs[i + 1]['value']}\n" for i in range(0, len(msgs) - 1, 2)
+                 if msgs[i]["from"] == "human" and msgs[i + 1]["from"] == "gpt"][:max_turns]
+        if len(turns) < 3 or sum(len(t) for t in turns) < 3 * min_tokens:  # ~3+ characters per token
             continue
-        rows.append({"id": conv["id"], "turns": turns[:max_turns]})
-        if len(rows) >= 20 * n:
+        ids = [tok(t, add_special_tokens=False).input_ids for t in turns]
+        if sum(len(t) for t in ids) >= min_tokens and all(len(t) >= 8 for t in ids):
+            rows.append({"id": conv["id"], "turn_ids": ids})
+        if len(rows) >= n:
             break
+    if not rows:
+        raise SystemExit(f"no ShareGPT conversation of {max_turns} turns reaches {min_tokens} tokens")
     ds = Dataset.from_list(rows)
-    ds = ds.map(lambda r: {"turn_ids": [tok(t, add_special_tokens=False).input_ids for t in r["turns"]]})
-    ds = ds.filter(lambda r: sum(len(t) for t in r["turn_ids"]) >= min_tokens
-                   and all(len(t) >= 8 for t in r["turn_ids"]))
-    picked = [r["turn_ids"] for r in ds.select(range(min(n, len(ds))))]
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    for conv in picked:
-        conv[0] = bos + conv[0]
-    return picked
+    return [[bos + r["turn_ids"][0]] + r["turn_ids"][1:] for r in ds]
 
 
 def perplexity(model, convs, window: int, progress: bool = True) -> dict:
@@ -172,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="context window for truncation (tokens)")
     p.add_argument("--conversations", type=int, default=None)
     p.add_argument("--samples", type=int, default=None, help="retrieval samples")
-    p.add_argument("--max-turns", type=int, default=8)
+    p.add_argument("--max-turns", type=int, default=12)
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -189,7 +186,7 @@ def main(argv=None) -> int:
     samples = args.samples or (6 if args.quick else 30)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
-    convs = conversations_for_ppl(tok, n_conv, min_tokens=3 * window, max_turns=args.max_turns)
+    convs = conversations_for_ppl(tok, n_conv, min_tokens=2 * window, max_turns=args.max_turns)
     ppl = perplexity(model, convs, window)
     acc = retrieval(model, tok, window, samples, seed=args.seed)
     result = {"model": args.model or "gemma3-270m", "window": window, "conversations": len(convs),
