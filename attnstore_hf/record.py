@@ -23,6 +23,12 @@ def session_key(namespace: str, session_id: str) -> str:
     return hashlib.sha256(f"{namespace}\x00{session_id}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _header_digest(head: dict) -> str:
+    """sha256 of the header's content (token ids, namespace, fingerprint, tensor checksums...)."""
+    body = {k: v for k, v in head.items() if k != "header_checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
@@ -87,6 +93,7 @@ class SessionRecord:
             tensors[f"v.{i}"] = lay.values.contiguous()
         head = self.header()
         head["checksums"] = {name: _digest(t) for name, t in tensors.items()}
+        head["header_checksum"] = _header_digest(head)
         return st_save(tensors, metadata={"attnstore": json.dumps(head)})
 
     @classmethod
@@ -109,6 +116,8 @@ class SessionRecord:
                 raise RecordError("record belongs to another namespace")
             if expect_session is not None and head["session_id"] != expect_session:
                 raise RecordError("record belongs to another session")
+            if head.get("header_checksum") != _header_digest(head):
+                raise RecordError("header checksum mismatch: token ids or metadata are corrupt")
             if head["dtype"] not in _DTYPES:
                 raise RecordError(f"unknown dtype {head['dtype']!r}")
             tensors = st_load(data)

@@ -8,6 +8,7 @@ import math
 import random
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,7 @@ def synthetic_record(namespace: str, session_id: str, token_ids: list[int], byte
     pattern that depends on the session, the token and ``salt`` (so byte-identity checks are meaningful)."""
     d = max(1, bytes_per_token // 4)  # K and V, d fp16 values each
     n = len(token_ids)
-    base = (hash((session_id, salt)) % 997) / 997.0
+    base = (zlib.crc32(f"{session_id}\x00{salt}".encode("utf-8", "surrogatepass")) % 997) / 997.0
     col = torch.arange(d, dtype=torch.float32) / d
     row = torch.arange(n, dtype=torch.float32).unsqueeze(1) / max(n, 1)
     k = (row + col + base).to(torch.float16).reshape(1, 1, n, d)

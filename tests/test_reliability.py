@@ -1,0 +1,249 @@
+"""Nothing lost, nothing wrong: hostile files, kills mid-save, shared directories, a faulty soak, a fuzzed decoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnstore_hf import AttentionStore, RecordError, SessionRecord, StoreConfig
+from attnstore_hf.record import FORMAT_VERSION, _header_digest, session_key
+from attnstore_hf.sim import SimConfig, build_trace, load_turns, synthetic_record
+from conftest import greedy, random_ids, tiny_model
+
+
+def same(a, b) -> bool:
+    return a.token_ids == b.token_ids and all(
+        torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(a.layers, b.layers))
+
+
+class Boom:
+    """Unpickling this would create a file: proof that nothing is ever unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_dressed_as_record_is_never_unpickled(store_factory, tmp_path):
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(20, 0)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    store.save("s", cache, out.sequences)
+    store.close()
+    canary = tmp_path / "unpickled"
+    path = tmp_path / "kv" / f"{session_key('default', 's')}.safetensors"
+    path.write_bytes(pickle.dumps(Boom(str(canary))))
+    fresh = store_factory()
+    ids2 = torch.cat([out.sequences, random_ids(4, 1)], 1)
+    c = fresh.cache_for(model, "s", ids2)
+    assert c.reused_tokens == 0 and not canary.exists()
+    assert fresh.stats()["rejected_records"] == 1
+    assert list((tmp_path / "kv" / "quarantine").iterdir())
+
+
+def test_other_format_version_is_rejected():
+    rec = synthetic_record("default", "s", list(range(10)), 16)
+    data = bytearray(rec.to_bytes())
+    hlen = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + hlen])
+    inner = json.loads(header["__metadata__"]["attnstore"])
+    inner["format_version"] = FORMAT_VERSION + 1
+    inner["header_checksum"] = _header_digest(inner)  # a well-formed record of a future version
+    header["__metadata__"]["attnstore"] = json.dumps(inner)
+    new_header = json.dumps(header).encode()
+    new_header += b" " * ((8 - len(new_header) % 8) % 8)
+    forged = len(new_header).to_bytes(8, "little") + new_header + bytes(data[8 + hlen:])
+    with pytest.raises(RecordError, match="format version"):
+        SessionRecord.from_bytes(forged)
+
+
+def test_record_of_other_shape_is_a_miss(store_factory):
+    """Same fingerprint forged onto a record whose tensors have another head_dim: refused before use."""
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(20, 0)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    rec = store.save("s", cache, out.sequences)
+    bad = synthetic_record("default", "s", rec.token_ids, 64)
+    bad.layers = bad.layers * len(rec.layers)
+    bad.fingerprint, bad.dtype = rec.fingerprint, rec.dtype
+    bad.layers = [type(l)(l.kind, l.start, l.keys.float(), l.values.float()) for l in bad.layers]
+    store.put_record(bad)
+    c = store.cache_for(model, "s", torch.cat([out.sequences, random_ids(3, 1)], 1))
+    assert c.reused_tokens == 0 and store.stats()["rejected_records"] == 1
+
+
+# ---- kills mid-save ----------------------------------------------------------------------------------------------
+WRITER = textwrap.dedent("""
+    import sys, time
+    from attnstore_hf import AttentionStore, StoreConfig
+    from attnstore_hf.sim import synthetic_record
+    d, start = sys.argv[1], int(sys.argv[2])
+    store = AttentionStore(StoreConfig(disk_dir=d, dram_bytes=0))
+    v = start
+    print("ready", flush=True)
+    while True:  # alternate versions of 5 sessions forever; the parent kills us somewhere
+        for s in range(5):
+            store.put_record(synthetic_record("default", f"s{s}", list(range(200 + v % 7)), 4096, salt=v))
+            store.flush()
+        v += 1
+""")
+
+
+def test_sigkill_at_random_points_never_leaves_a_torn_record(tmp_path):
+    d = tmp_path / "kv"
+    rng = random.Random(0)
+    kills = 25
+    for k in range(kills):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(k * 1000)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.0, 0.25))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        store = AttentionStore(StoreConfig(disk_dir=d, dram_bytes=0))
+        assert not list(d.glob("*.tmp"))  # leftovers of the killed writer are gone
+        for s in range(5):
+            rec, tier = store.get_record(f"s{s}")
+            if rec is None:
+                assert k == 0 or store.stats()["rejected_records"] == 0
+                continue
+            v = rec.meta["salt"]  # whichever version it is, it is that version exactly
+            assert same(rec, synthetic_record("default", f"s{s}", list(range(200 + v % 7)), 4096, salt=v))
+        assert store.stats()["rejected_records"] == 0
+        store.close()
+
+
+# ---- two processes, one directory ----------------------------------------------------------------------------------
+SHARER = textwrap.dedent("""
+    import sys
+    from attnstore_hf import AttentionStore, StoreConfig
+    from attnstore_hf.sim import synthetic_record
+    d, me, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    store = AttentionStore(StoreConfig(disk_dir=d))
+    for i in range(n):
+        store.put_record(synthetic_record("default", f"{me}-{i}", list(range(50 + i)), 512, salt=i))
+        store.put_record(synthetic_record("default", "shared", list(range(60)), 512, salt=1000 + i))
+    store.close()
+""")
+
+
+def test_two_processes_share_a_directory(tmp_path):
+    d = tmp_path / "kv"
+    n = 40
+    procs = [subprocess.Popen([sys.executable, "-c", SHARER, str(d), me, str(n)]) for me in ("a", "b")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    store = AttentionStore(StoreConfig(disk_dir=d))
+    for me in ("a", "b"):
+        for i in range(n):
+            rec, _ = store.get_record(f"{me}-{i}")
+            assert same(rec, synthetic_record("default", f"{me}-{i}", list(range(50 + i)), 512, salt=i))
+    shared, _ = store.get_record("shared")  # last writer wins, whole
+    assert same(shared, synthetic_record("default", "shared", list(range(60)), 512, salt=shared.meta["salt"]))
+    assert store.stats()["rejected_records"] == 0
+    # a record committed by another process after this store started is seen too
+    late = AttentionStore(StoreConfig(disk_dir=d))
+    late.put_record(synthetic_record("default", "late", list(range(9)), 512, salt=7))
+    late.close()
+    rec, tier = store.get_record("late")
+    assert tier == "disk" and rec.meta["salt"] == 7
+    store.close()
+
+
+# ---- soak ---------------------------------------------------------------------------------------------------------
+def test_soak_1000_sessions_with_faults(tmp_path):
+    """1,000 ShareGPT sessions through the store with corruptions, crashes and refused writes injected."""
+    cfg = SimConfig(sessions=1000, rate=4.0)
+    ops = build_trace(load_turns(1000), cfg)
+    rng = random.Random(1)
+    d = tmp_path / "kv"
+    conf = dict(dram_bytes=400_000, disk_dir=d, disk_bytes=2_000_000, policy="scheduler", fsync=False,
+                namespace="soak")
+    store = AttentionStore(StoreConfig(**conf))
+    saved: dict[int, list] = {}
+    faults = {"corrupt": 0, "crash": 0, "enospc": 0}
+    hits = 0
+
+    def put_or_fail(r):
+        store.put_record(r)
+
+    try:
+        for op in ops:
+            roll = rng.random()
+            if roll < 0.01 and len(store.disk):  # flip a byte in a random committed file
+                victim = rng.choice(sorted(d.glob("*.safetensors")))
+                data = bytearray(victim.read_bytes())
+                data[rng.randrange(len(data))] ^= 0xFF
+                victim.write_bytes(bytes(data))
+                faults["corrupt"] += 1
+            elif roll < 0.015:  # the process dies: no close(), DRAM lost, a new store on the same directory
+                store._pool.shutdown(wait=True)
+                store = AttentionStore(StoreConfig(**conf))
+                faults["crash"] += 1
+            elif roll < 0.02:  # the disk refuses the next write (ENOSPC)
+                orig = store.disk._write_file
+
+                def refuse(key, data, orig=orig, tier=store.disk):
+                    tier._write_file = orig
+                    raise OSError(28, "No space left on device (injected)")
+
+                store.disk._write_file = refuse
+                faults["enospc"] += 1
+            if op[0] == "plan":
+                store.plan([f"s{u}" for u in op[1][:64]], wait=True)
+            elif op[0] == "lookup" and op[2] > 0:
+                rec, tier = store.get_record(f"s{op[1]}")
+                if rec is not None:  # a hit is exactly one of the versions saved, never anything else
+                    hits += 1
+                    assert any(same(rec, v) for v in saved[op[1]])
+            elif op[0] == "save":
+                _, s, j, tokens = op
+                r = synthetic_record("soak", f"s{s}", list(range(min(tokens, 300))), 16, salt=j)
+                saved.setdefault(s, []).append(r)
+                put_or_fail(r)
+                store.flush()
+            assert store.dram.used <= store.dram.capacity
+            assert store.disk.used <= store.disk.capacity
+            on_disk = {p.name[:64]: p.stat().st_size for p in d.glob("*.safetensors")}
+            assert on_disk == dict(store.disk._index)
+    finally:
+        store.close()
+    assert all(v > 3 for v in faults.values()), faults
+    assert hits > 500
+    print(f"soak: {len(ops)} operations, faults {faults}, {hits} hits")
+
+
+# ---- fuzzed decoder -------------------------------------------------------------------------------------------------
+GOOD = synthetic_record("default", "s", list(range(12)), 32).to_bytes()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(
+    st.binary(max_size=2048),
+    st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 255)).map(
+        lambda t: GOOD[: t[0]] + bytes([t[1]]) + GOOD[t[0] + 1:]),
+    st.integers(0, len(GOOD)).map(lambda n: GOOD[:n]),
+))
+def test_decoder_only_ever_returns_a_verified_record_or_raises_record_error(data):
+    try:
+        rec = SessionRecord.from_bytes(data)
+    except RecordError:
+        return
+    # accepted: then it must be the genuine record (a flipped byte somewhere harmless, e.g. JSON whitespace)
+    assert same(rec, SessionRecord.from_bytes(GOOD))
