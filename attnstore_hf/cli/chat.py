@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 import warnings
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from ..config import StoreConfig, default_disk_dir
 from ..models import DEFAULT_MODEL, load_model
 from ..store import AttentionStore
-from .common import timed_generate
 
 DEMO_TURNS = [
     "Hi! I am planning a three-day trip to Lisbon in spring. What should I see first?",
@@ -21,12 +22,42 @@ DEMO_TURNS = [
     "Thanks. Can you summarise the plan we discussed in two sentences?",
 ]
 SYSTEM = "The following is a conversation between a curious user and a helpful, knowledgeable assistant.\n"
+COMMANDS = "/sessions  /reset  /stats  /quit"
+
+
+class _Stream(BaseStreamer):
+    """Prints new tokens as they are generated and notes when the first one arrived."""
+
+    def __init__(self, tok, echo: bool):
+        self.tok, self.echo = tok, echo
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self._prompt_seen = False
+        self._ids: list[int] = []
+        self._printed = 0
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() puts the prompt first
+            self._prompt_seen = True
+            return
+        if self.first is None:
+            self.first = time.perf_counter()
+        self._ids += value.reshape(-1).tolist()
+        if self.echo:
+            text = self.tok.decode(self._ids, skip_special_tokens=True)
+            print(text[self._printed:].replace("\n", ""), end="", flush=True)
+            self._printed = len(text)
+
+    def end(self):
+        if self.echo:
+            print(flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Chat with a model; each turn restores the conversation's KV cache.")
+    p = argparse.ArgumentParser(description="Chat with a model; each turn restores the conversation's KV cache. "
+                                            f"Commands: {COMMANDS}")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local model directory (default: bundled Gemma 3 270M)")
-    p.add_argument("--session", default="chat", help="conversation id (resumes across runs)")
+    p.add_argument("--session", default="chat", help="conversation name: it persists and resumes across runs")
     p.add_argument("--disk-dir", default=str(default_disk_dir()), help="disk tier directory")
     p.add_argument("--dram", default="2GB", help="DRAM tier capacity")
     p.add_argument("--namespace", default="default")
@@ -34,53 +65,119 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--demo", action="store_true", help="play a scripted 3-turn conversation and compare with recompute")
     p.add_argument("--new", action="store_true", help="start the session over (forget what is stored)")
+    p.add_argument("--jsonl", action="store_true",
+                   help="non-interactive: user turns one per line (stdin or --input), one JSON object per reply")
+    p.add_argument("--input", default=None, help="file of user turns for --jsonl (default: stdin)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-def turn(model, tok, store, session: str, history: list[int], user: str, max_new_tokens: int):
-    """One chat turn: extend ``history`` with the user's message, generate, save. Returns (reply, ids, info)."""
+def user_prompt_ids(tok, history: list[int], user: str) -> list[int]:
+    """Token ids that append a user message and the start of the assistant's reply to ``history``.
+
+    The tokenizer's chat template when it has one; otherwise plain ``User: ...`` / ``Assistant:`` lines.
+    """
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        if history and tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]:
+            ids = ids[1:]
+        return ids
     sep = "" if not history or tok.decode(history[-1:]).endswith("\n") else "\n"
     prompt = (SYSTEM if not history else "") + f"{sep}User: {user}\nAssistant:"
-    new_ids = tok(prompt, add_special_tokens=not history).input_ids
-    ids = torch.tensor([history + new_ids])
-    t0 = time.perf_counter()
+    return tok(prompt, add_special_tokens=not history).input_ids
+
+
+def turn(model, tok, store, session: str, history: list[int], user: str, max_new_tokens: int, echo: bool = False):
+    """One chat turn: extend ``history`` with the user's message, generate, save. Returns (reply, ids, info)."""
+    ids = torch.tensor([history + user_prompt_ids(tok, history, user)])
+    stream = _Stream(tok, echo)
     cache = store.cache_for(model, session, ids)
-    out, ttft = timed_generate(model, ids, cache, t0=t0, max_new_tokens=max_new_tokens, do_sample=False,
-                               stop_strings=["\n"], tokenizer=tok)
-    store.save(session, cache, out)
+    ids = cache.input_ids  # the kept tokens + the new ones, if the conversation outgrew the window
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                             stop_strings=["\n"], tokenizer=tok, streamer=stream)
+    rec = store.save(session, cache, out)
     reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    info = {"ttft_s": ttft, "prompt_tokens": ids.shape[1], "reused": cache.reused_tokens, "source": cache.source}
+    per_token = rec.nbytes / max(rec.num_tokens, 1)
+    info = {"ttft_s": (stream.first or time.perf_counter()) - stream.start, "prompt_tokens": ids.shape[1],
+            "restored": cache.reused_tokens, "prefilled": ids.shape[1] - cache.reused_tokens,
+            "source": cache.source, "restored_bytes": int(per_token * cache.reused_tokens),
+            "truncated": cache.truncated}
     return reply, out[0].tolist(), info
+
+
+def _stats_line(info: dict) -> str:
+    src = f" from {info['source']}" if info["source"] else ""
+    trunc = f" | {info['truncated']} oldest tokens dropped" if info["truncated"] else ""
+    return (f"  [ttft {info['ttft_s']:.2f} s | restored {info['restored']} tokens{src} "
+            f"({info['restored_bytes'] / 1e6:.1f} MB not recomputed) | prefilled {info['prefilled']}{trunc}]")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.jsonl)
     store = AttentionStore(StoreConfig(dram_bytes=args.dram, disk_dir=args.disk_dir, namespace=args.namespace))
-    if args.new or args.demo:
-        store.drop(args.session)
-    history = store.history(args.session) or []
-    if history:
-        print(f"(resuming session {args.session!r}: {len(history)} tokens of history)")
     try:
+        if args.new or args.demo:
+            store.drop(args.session)
+        history = store.history(args.session) or []
         if args.demo:
             return run_demo(model, tok, store, args)
-        print("Type a message (Ctrl-D to quit).")
-        for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), None):
-            line = line.strip()
-            if not line:
-                continue
-            reply, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens)
-            print(f"assistant> {reply}")
-            print(f"  [ttft {info['ttft_s']:.2f} s | restored {info['reused']}/{info['prompt_tokens']} tokens"
-                  f"{' from ' + info['source'] if info['source'] else ''}]")
-    except (EOFError, KeyboardInterrupt):
-        print()
+        if args.jsonl:
+            return run_jsonl(model, tok, store, args, history)
+        return run_interactive(model, tok, store, args, history)
     finally:
         store.close()
+
+
+def run_interactive(model, tok, store, args, history: list[int]) -> int:
+    if history:
+        last = tok.decode(history[-80:], skip_special_tokens=True).strip().splitlines()[-2:]
+        print(f"(resuming session {args.session!r}: {len(history)} tokens of history restored from the store)")
+        for line in last:
+            print(f"  … {line}")
+    print(f"Type a message. Commands: {COMMANDS}")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line == "/quit":
+            return 0
+        if line == "/reset":
+            store.drop(args.session)
+            history = []
+            print(f"(session {args.session!r} forgotten)")
+            continue
+        if line == "/stats":
+            print(json.dumps(store.stats(), indent=1))
+            continue
+        if line == "/sessions":
+            for s in store.sessions():
+                print(f"  {s['session_id']:<20} {s['tokens']:>6} tokens  {s['bytes'] / 1e6:7.1f} MB  {s['tier']}")
+            continue
+        print("assistant> ", end="", flush=True)
+        _, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens, echo=True)
+        print(_stats_line(info))
+
+
+def run_jsonl(model, tok, store, args, history: list[int]) -> int:
+    src = open(args.input) if args.input else sys.stdin
+    resumed = len(history)
+    with src:
+        for i, line in enumerate(src):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            reply, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens)
+            print(json.dumps({"turn": i, "user": line, "reply": reply, "resumed_history_tokens": resumed,
+                              "history_ids": history, **info}), flush=True)
     return 0
 
 
@@ -88,15 +185,16 @@ def run_demo(model, tok, store, args) -> int:
     history: list[int] = []
     for user in DEMO_TURNS:
         print(f"user> {user}")
-        reply, history, info = turn(model, tok, store, args.session, history, user, args.max_new_tokens)
-        print(f"assistant> {reply}")
-        print(f"  [ttft {info['ttft_s']:.2f} s | restored {info['reused']}/{info['prompt_tokens']} prompt tokens"
-              f"{' from ' + info['source'] if info['source'] else ''}]")
+        print("assistant> ", end="", flush=True)
+        _, history, info = turn(model, tok, store, args.session, history, user, args.max_new_tokens, echo=True)
+        print(_stats_line(info))
     # the last turn once more, recomputed from scratch, to show what the store saved and that nothing changed
-    last_prompt = history[: info["prompt_tokens"]]
-    ids = torch.tensor([last_prompt])
-    ref, ttft_ref = timed_generate(model, ids, None, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                   stop_strings=["\n"], tokenizer=tok)
+    ids = torch.tensor([history[: info["prompt_tokens"]]])
+    stream = _Stream(tok, echo=False)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, stop_strings=["\n"],
+                             tokenizer=tok, streamer=stream)
+    ttft_ref = stream.first - stream.start
     same = ref[0].tolist() == history
     print(f"\nlast turn recomputed without the store: ttft {ttft_ref:.2f} s vs {info['ttft_s']:.2f} s restored "
           f"({ttft_ref / max(info['ttft_s'], 1e-9):.1f}x); same tokens: {same}")

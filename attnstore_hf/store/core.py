@@ -428,6 +428,27 @@ class AttentionStore:
             return None
         return rec.token_ids + [int(t) for t in rec.meta.get("tail_ids", [])]
 
+    def sessions(self) -> list[dict]:
+        """Sessions of this namespace the store holds: ``{"session_id", "tokens", "bytes", "tier"}``, newest first.
+
+        Reads only the JSON headers of disk records (no tensors).
+        """
+        out: dict[str, dict] = {}
+        for key in self.dram.keys():
+            rec = self.dram.peek(key)
+            if rec is not None:
+                out[rec.session_id] = {"session_id": rec.session_id, "tokens": rec.num_tokens, "bytes": rec.nbytes,
+                                       "tier": "dram", "saved_at": rec.meta.get("saved_at", 0)}
+        if self.disk is not None:
+            for key in self.disk.keys():
+                head = self.disk.read_header(key)
+                if head is None or head.get("namespace") != self.namespace or head.get("session_id") in out:
+                    continue
+                out[head["session_id"]] = {"session_id": head["session_id"], "tokens": len(head["token_ids"]),
+                                           "bytes": self.disk._index.get(key, 0), "tier": "disk",
+                                           "saved_at": head.get("meta", {}).get("saved_at", 0)}
+        return sorted(out.values(), key=lambda r: -float(r["saved_at"] or 0))
+
     # ---- housekeeping ---------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Wait until every pending write has finished."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
+import struct
 import os
 import threading
 import time
@@ -133,6 +135,18 @@ class DiskTier:
         if touch:
             self.policy.touch(key)
         return data
+
+    def read_header(self, key: str) -> dict | None:
+        """The JSON header of a record file (unverified; for listings), or ``None`` if unreadable."""
+        try:
+            with open(self.path(key), "rb") as f:
+                (hlen,) = struct.unpack("<Q", f.read(8))
+                if hlen > 1 << 28:
+                    return None
+                meta = json.loads(f.read(hlen)).get("__metadata__") or {}
+            return json.loads(meta["attnstore"])
+        except (OSError, ValueError, KeyError, struct.error):
+            return None
 
     def get(self, key: str, **expect) -> SessionRecord | None:
         """Decode and verify a record (raises :class:`RecordError` on a bad file)."""

@@ -1,0 +1,38 @@
+"""The chat's non-interactive mode over two processes: the second resumes the first's session exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def run_chat(tmp_path, lines):
+    r = subprocess.run([sys.executable, "scripts/chat.py", "--jsonl", "--session", "alice", "--disk-dir",
+                        str(tmp_path / "kv"), "--max-new-tokens", "12"], input="\n".join(lines) + "\n",
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+
+
+def test_second_process_resumes_and_answers_like_recompute(tmp_path):
+    from attnstore_hf.models import load_model
+
+    first = run_chat(tmp_path, ["Hello! What is the capital of France?", "And of Italy?"])
+    assert [t["resumed_history_tokens"] for t in first] == [0, 0]
+    assert first[1]["restored"] > 0 and first[1]["source"] == "dram"
+    second = run_chat(tmp_path, ["Which of the two is larger?"])
+    (t,) = second
+    history = first[1]["history_ids"]
+    assert t["resumed_history_tokens"] == len(history)  # the history came back from the first process's disk
+    assert t["source"] == "disk" and t["restored"] == len(history) - 1
+    model, tok = load_model(progress=False)
+    prompt = torch.tensor([t["history_ids"][: t["prompt_tokens"]]])
+    assert prompt[0, : len(history)].tolist() == history
+    ref = model.generate(prompt, max_new_tokens=12, do_sample=False, stop_strings=["\n"], tokenizer=tok)
+    assert ref[0].tolist() == t["history_ids"]  # the same answer as a recompute (greedy)
