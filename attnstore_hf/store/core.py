@@ -422,9 +422,23 @@ class AttentionStore:
                 self._prefetching.discard(key)
 
     def history(self, session_id: str) -> list[int] | None:
-        """The full token ids of a stored conversation (what the next turn should extend), or ``None``."""
-        rec, _ = self.get_record(session_id)
+        """The full token ids of a stored conversation (what the next turn should extend), or ``None``.
+
+        Verifies the record but neither promotes it nor counts a lookup (the turn's ``cache_for`` does).
+        """
+        key = self._key(_check_session_id(session_id))
+        rec = self.dram.peek(key)
         if rec is None:
+            with self._lock:
+                rec = self._writing.get(key)
+        if rec is None and self.disk is not None:
+            data = self.disk.get_bytes(key, touch=False)
+            try:
+                rec = None if data is None else SessionRecord.from_bytes(
+                    data, expect_namespace=self.namespace, expect_session=session_id)
+            except RecordError:
+                rec = None  # cache_for will report and quarantine it
+        if rec is None or self._expired(rec):
             return None
         return rec.token_ids + [int(t) for t in rec.meta.get("tail_ids", [])]
 
