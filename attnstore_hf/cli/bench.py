@@ -209,6 +209,126 @@ def _plot_sim(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# ---- replay: ShareGPT sessions on the real model, four serving modes -------------------------------------------
+def bench_replay(args) -> tuple[list[dict], dict]:
+    from tqdm.auto import tqdm
+
+    from ..config import parse_size
+    from ..data import iter_sharegpt
+    from ..models import load_model
+    from ..serving import MODES, ServingLoop
+    from ..sim import SimConfig, Turn, build_trace
+
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    convs = []
+    for conv in iter_sharegpt():
+        msgs = [m for m in conv["conversations"] if m.get("from") in ("human", "gpt")]
+        pairs = [(msgs[i]["value"], msgs[i + 1]["value"]) for i in range(0, len(msgs) - 1, 2)
+                 if msgs[i]["from"] == "human" and msgs[i + 1]["from"] == "gpt"][: args.max_turns]
+        if len(pairs) >= 2:
+            convs.append(pairs)
+        if len(convs) >= args.sessions:
+            break
+    sessions = []  # per session: [(user_ids, reply_ids), ...]
+    for pairs in convs:
+        turns = []
+        for j, (u, r) in enumerate(pairs):
+            prefix = "" if j else "A conversation between a user and an assistant.\n"
+            uid = tok(f"{prefix}User: {u}", add_special_tokens=(j == 0)).input_ids[: args.user_cap]
+            uid += tok("\nAssistant:", add_special_tokens=False).input_ids
+            rid = tok(f" {r}", add_special_tokens=False).input_ids[: args.reply_cap]
+            turns.append((uid, rid + tok("\n", add_special_tokens=False).input_ids))
+        sessions.append(turns)
+    # arrival order and queue contents from the discrete-event model, shared by every mode
+    sim_turns = [[Turn(s, j, len(u), len(r)) for j, (u, r) in enumerate(t)] for s, t in enumerate(sessions)]
+    cfg = SimConfig(sessions=len(sessions), rate=args.rate, think_s=args.think, slots=1,
+                    prefill_tok_s=args.model_prefill_tok_s, decode_tok_s=1e9, seed=args.seed)
+    ops = [op for op in build_trace(sim_turns, cfg) if op[0] in ("plan", "lookup")]
+    modes = args.modes or list(MODES)
+    results, per_turn = {}, {}
+    bar = tqdm(total=len(modes) * sum(len(t) for t in sessions), desc="replay", unit="turn")
+    for mode in modes:
+        store = None
+        if mode.startswith("attnstore"):
+            store = AttentionStore(StoreConfig(
+                dram_bytes=parse_size(args.dram), disk_dir=tempfile.mkdtemp(prefix=f"replay-{mode}-"),
+                disk_bytes=parse_size(args.disk), policy="scheduler" if mode.endswith("scheduler") else "lru",
+                namespace=mode))
+        loop = ServingLoop(model, mode, store)
+        rows = []
+        for op in ops:
+            if op[0] == "plan":
+                loop.plan([f"s{u}" for u in op[1]])
+                continue
+            _, s, j, upcoming = op
+            u, r = sessions[s][j]
+            rows.append(loop.run_turn(f"s{s}", j, u, r))
+            loop.plan([f"s{x}" for x in upcoming])
+            bar.update()
+        ttft = sorted(x.ttft_s for x in rows)
+        follow = [x for x in rows if x.turn > 0]
+        stats = store.stats() if store is not None else {}
+        results[mode] = {
+            "ttft_mean_s": statistics.mean(ttft), "ttft_p50_s": ttft[len(ttft) // 2],
+            "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+            "prefill_tok_per_s": sum(x.prompt_tokens for x in rows) / sum(x.ttft_s for x in rows),
+            "compute_s": sum(x.turn_s for x in rows),
+            "hit_rate": (sum(1 for x in follow if x.reused > 0) / len(follow)) if follow else 0.0,
+            "hit_rate_dram": (sum(1 for x in follow if x.source == "dram") / len(follow)) if follow else 0.0,
+            "hit_rate_disk": (sum(1 for x in follow if x.source == "disk") / len(follow)) if follow else 0.0,
+            "peak_mem_bytes": loop.peak_memory_bytes,
+            "capacity_bytes": (store.dram.capacity if store is not None else None),
+            "disk_bytes": stats.get("disk_bytes"), "turns": len(rows),
+        }
+        per_turn[mode] = [(x.turn, x.ttft_s) for x in rows]
+        if store is not None:
+            store.close()
+    bar.close()
+    base = results.get("recompute")
+    for mode, r in results.items():
+        if base:
+            r["ttft_vs_recompute"] = r["ttft_mean_s"] / base["ttft_mean_s"]
+            r["prefill_speedup"] = r["prefill_tok_per_s"] / base["prefill_tok_per_s"]
+    if args.png:
+        _plot_replay(results, per_turn, args.png)
+    rows = [{"mode": m, **r} for m, r in results.items()]
+    return rows, {"modes": results, "sessions": len(sessions), "turns": sum(len(t) for t in sessions)}
+
+
+def _plot_replay(results: dict, per_turn: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for mode, pts in per_turn.items():
+        t = sorted(x[1] for x in pts)
+        axes[0].plot(t, [(i + 1) / len(t) for i in range(len(t))], label=mode)
+        by_turn: dict[int, list[float]] = {}
+        for j, v in pts:
+            by_turn.setdefault(j, []).append(v)
+        ks = sorted(by_turn)
+        axes[2].plot(ks, [statistics.mean(by_turn[k]) for k in ks], marker="o", label=mode)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("TTFT (s)")
+    axes[0].set_ylabel("CDF")
+    axes[0].legend(fontsize=8)
+    modes = list(results)
+    axes[1].bar(modes, [100 * results[m]["hit_rate_dram"] for m in modes], label="DRAM")
+    axes[1].bar(modes, [100 * results[m]["hit_rate_disk"] for m in modes],
+                bottom=[100 * results[m]["hit_rate_dram"] for m in modes], label="disk")
+    axes[1].set_ylabel("hit rate of follow-up turns (%)")
+    axes[1].tick_params(axis="x", labelrotation=20, labelsize=8)
+    axes[1].legend(fontsize=8)
+    axes[2].set_xlabel("turn index")
+    axes[2].set_ylabel("mean TTFT (s)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -242,6 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-tokenizer", action="store_true", help="count ~4 characters per token instead")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", default=None)
+    r2 = sub.add_parser("replay", help="ShareGPT sessions on the real model: recompute vs hf_dynamic vs attnstore")
+    r2.add_argument("--model", default=None)
+    r2.add_argument("--dtype", default="float32")
+    r2.add_argument("--sessions", type=int, default=12)
+    r2.add_argument("--max-turns", type=int, default=5)
+    r2.add_argument("--user-cap", type=int, default=384, help="tokens kept of each user message")
+    r2.add_argument("--reply-cap", type=int, default=64, help="tokens of each recorded reply (teacher-forced)")
+    r2.add_argument("--rate", type=float, default=0.5, help="new sessions per second (Poisson)")
+    r2.add_argument("--think", type=float, default=20.0, help="mean seconds between turns of a session")
+    r2.add_argument("--model-prefill-tok-s", type=float, default=400.0,
+                    help="service-time model used only to order the queue")
+    r2.add_argument("--dram", default="60MB", help="DRAM tier of the attnstore modes")
+    r2.add_argument("--disk", default="1GB", help="disk tier of the attnstore modes")
+    r2.add_argument("--modes", nargs="*", default=None)
+    r2.add_argument("--seed", type=int, default=0)
+    r2.add_argument("--png", default=None)
+    r2.add_argument("--json", default=None)
     return p
 
 
@@ -257,6 +394,15 @@ def main(argv=None) -> int:
     elif args.cmd == "growth":
         rows = bench_growth(args)
         cols = ["prompt", "decode_steps", "dynamic_s", "chunked_s", "speedup", "dynamic_copied_mb"]
+    elif args.cmd == "replay":
+        if args.json and not args.png:
+            args.png = os.path.splitext(args.json)[0] + ".png"
+        rows, info = bench_replay(args)
+        extra.update(info)
+        cols = ["mode", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "prefill_tok_per_s", "compute_s", "hit_rate",
+                "hit_rate_dram", "hit_rate_disk", "peak_mem_bytes"]
+        if "recompute" in info["modes"]:
+            cols += ["ttft_vs_recompute", "prefill_speedup"]
     else:
         if args.json and not args.png:
             args.png = os.path.splitext(args.json)[0] + ".png"
