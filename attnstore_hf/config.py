@@ -74,6 +74,12 @@ class StoreConfig:
         truncation_ratio: share of the history dropped when truncating (the paper's default 0.5).
         keep_prefix: leading tokens never dropped (system prompt, attention sinks).
         reserve_tokens: room kept free for the reply when deciding whether a turn overflows.
+        redis_url: a shared Redis / Valkey tier below the local disk (``redis://host:port/db``,
+            ``rediss://`` for TLS, ``redis+cluster://`` for a Cluster). Every save is published to it in the
+            background; a session missing locally (or only stale locally) is looked up there.
+        redis_ttl_seconds: expiry of records in Redis (``None``: never).
+        redis_chunk_bytes: largest value written to Redis (records are chunked).
+        redis_timeout_s: socket timeout; a timeout or a dead server is a miss, retried after a short back-off.
     """
 
     dram_bytes: int | str | None = "2GB"
@@ -93,11 +99,19 @@ class StoreConfig:
     truncation_ratio: float = 0.5
     keep_prefix: int = 0
     reserve_tokens: int = 256
+    redis_url: str | None = None
+    redis_ttl_seconds: float | None = None
+    redis_chunk_bytes: int | str = "4MB"
+    redis_timeout_s: float = 1.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dram_bytes = parse_size(self.dram_bytes, "dram_bytes")
         self.disk_bytes = parse_size(self.disk_bytes, "disk_bytes")
+        self.redis_chunk_bytes = parse_size(self.redis_chunk_bytes, "redis_chunk_bytes")
+        if self.redis_url is not None and not str(self.redis_url).startswith(("redis://", "rediss://", "unix://",
+                                                                             "redis+cluster://", "rediss+cluster://")):
+            raise ConfigError(f"redis_url must look like redis://host:port/db, got {self.redis_url!r}")
         if self.disk_dir == "default":
             self.disk_dir = default_disk_dir()
         if self.disk_dir is not None:

@@ -21,7 +21,8 @@ from .policy import make_policy
 log = logging.getLogger(__name__)
 
 _COUNTERS = (
-    "lookups", "hits", "hits_dram", "hits_disk", "misses", "partial_hits", "rejected_records", "expired",
+    "lookups", "hits", "hits_dram", "hits_disk", "hits_redis", "misses", "redis_errors", "redis_writes",
+    "bytes_read_redis", "bytes_written_redis", "partial_hits", "rejected_records", "expired",
     "reused_tokens", "prefilled_tokens", "saves", "prefetches", "prefetch_hits", "evictions_dram",
     "evictions_disk", "disk_writes", "disk_write_errors", "bytes_written_disk", "bytes_read_disk",
     "bytes_written_dram", "loads", "load_seconds", "restore_seconds", "save_seconds",
@@ -72,6 +73,16 @@ class AttentionStore:
         self.dram = DramTier(self.config.dram_bytes, self.policy, pin=self.config.pin_memory)
         self.disk = (DiskTier(self.config.disk_dir, self.config.disk_bytes, self.policy, fsync=self.config.fsync)
                      if self.config.disk_dir else None)
+        self.redis = None
+        if self.config.redis_url:
+            from .redis import RedisTier
+
+            self.redis = RedisTier(self.config.redis_url, namespace=self.namespace,
+                                   chunk_bytes=self.config.redis_chunk_bytes, ttl_seconds=self.config.redis_ttl_seconds,
+                                   timeout_s=self.config.redis_timeout_s)
+            if not self.redis.available():
+                log.warning("Redis at %s is not reachable; the shared tier is skipped until it is back",
+                            self.config.redis_url)
         self._pool = ThreadPoolExecutor(self.config.save_workers, thread_name_prefix="attnstore-save")
         self._prefetch_pool = ThreadPoolExecutor(self.config.prefetch_workers, thread_name_prefix="attnstore-prefetch")
         self._pending: set[Future] = set()
@@ -93,10 +104,11 @@ class AttentionStore:
         ttl = self.config.ttl_seconds
         return ttl is not None and time.time() - float(rec.meta.get("saved_at", 0)) > ttl
 
-    def get_record(self, session_id: str) -> tuple[SessionRecord | None, str | None]:
-        """The stored record of a session and the tier it came from (``"dram"``/``"disk"``), or ``(None, None)``.
+    def get_record(self, session_id: str, fingerprint: str | None = None) -> tuple[SessionRecord | None, str | None]:
+        """The stored record of a session and the tier it came from (``"dram"``/``"disk"``/``"redis"``), or
+        ``(None, None)``. Redis is consulted only with the model ``fingerprint`` (its keys carry it).
 
-        A disk hit is promoted to DRAM. A record that fails validation is removed and reported as a miss.
+        A disk or Redis hit is promoted to DRAM. A record that fails validation is quarantined and is a miss.
         """
         session_id = _check_session_id(session_id)
         key = self._key(session_id)
@@ -118,13 +130,15 @@ class AttentionStore:
                     self._count("rejected_records")
                     self.disk.quarantine(key, str(exc))
                     rec = None
+        if rec is None and fingerprint is not None:
+            rec, tier = self._get_redis(session_id, key, fingerprint), "redis"
         if rec is not None and self._expired(rec):
             self._count("expired")
             self._forget(key)
             rec = None
         if rec is None:
             return None, None
-        if tier == "disk":
+        if tier in ("disk", "redis"):
             self._put_dram(rec)
         elif key in self._prefetched:
             self._prefetched.discard(key)
@@ -132,6 +146,44 @@ class AttentionStore:
         self._count("loads")
         self._count("load_seconds", time.perf_counter() - t0)
         return rec, tier
+
+    def _get_redis(self, session_id: str, key: str, fingerprint: str) -> SessionRecord | None:
+        if self.redis is None:
+            return None
+        from .redis import RedisUnavailable
+
+        try:
+            data = self.redis.get_bytes(key, fingerprint)
+        except RedisUnavailable as exc:
+            self._count("redis_errors")
+            log.warning("session %r: Redis lookup failed (%s); treating as a miss", session_id, exc)
+            return None
+        if data is None:
+            return None
+        self._count("bytes_read_redis", len(data))
+        try:
+            return SessionRecord.from_bytes(data, expect_namespace=self.namespace, expect_session=session_id)
+        except RecordError as exc:
+            log.warning("session %r: Redis record rejected (%s); removing it, recomputing", session_id, exc)
+            self._count("rejected_records")
+            try:
+                self.redis.remove(key, fingerprint)
+            except RedisUnavailable:
+                pass
+            return None
+
+    def _write_redis(self, rec: SessionRecord) -> None:
+        from .redis import RedisUnavailable
+
+        try:
+            n = self.redis.put_bytes(rec.key, rec.fingerprint, rec.to_bytes(), tokens=rec.num_tokens)
+        except RedisUnavailable as exc:
+            self._count("redis_errors")
+            log.warning("session %r: could not publish the record to Redis (%s); local tiers keep it",
+                        rec.session_id, exc)
+            return
+        self._count("redis_writes")
+        self._count("bytes_written_redis", n)
 
     def cache_for(self, model, session_id: str, input_ids) -> AttentionStoreCache:
         """An :class:`AttentionStoreCache` for this turn, holding whatever of ``input_ids`` the store can restore.
@@ -148,7 +200,20 @@ class AttentionStore:
         cache = AttentionStoreCache(model, session_id=session_id)
         fingerprint = cache._patch.fingerprint(model)
         self._count("lookups")
-        rec, tier = self.get_record(session_id)
+        rec, tier = self.get_record(session_id, fingerprint)
+        if rec is not None and tier != "redis" and self.redis is not None \
+                and rec.num_tokens < user_ids.shape[1] - 1 and rec.fingerprint == fingerprint:
+            # the local copy may be stale (another replica served a later turn): a longer record may be shared
+            from .redis import RedisUnavailable
+
+            try:
+                longer = (self.redis.tokens(rec.key, fingerprint) or -1) > rec.num_tokens
+            except RedisUnavailable:
+                longer = False
+            shared = self._get_redis(session_id, rec.key, fingerprint) if longer else None
+            if shared is not None and shared.num_tokens > rec.num_tokens:
+                rec, tier = shared, "redis"
+                self._put_dram(rec)
         if rec is not None:
             dtype = dtype_name(next(model.parameters()).dtype)
             if rec.fingerprint != fingerprint or rec.dtype != dtype:
@@ -289,6 +354,11 @@ class AttentionStore:
         kept = self._put_dram(rec)
         if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
             self._write_disk_async(rec)
+        if self.redis is not None and rec.fingerprint:
+            fut = self._pool.submit(self._write_redis, rec)
+            with self._lock:
+                self._pending.add(fut)
+            fut.add_done_callback(self._done)
         self._count("saves")
         log.debug("session %r: saved %d tokens (%d bytes)%s", rec.session_id, rec.num_tokens, rec.nbytes,
                   "" if kept else " straight to disk (larger than DRAM)")

@@ -1,0 +1,205 @@
+"""The shared Redis tier against a real redis-server (started, stopped and restarted by these tests)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from attnstore_hf import AttentionStore, StoreConfig
+from conftest import greedy, random_ids, tiny_model
+
+pytestmark = pytest.mark.redis
+TOL = 1e-4
+
+
+class RedisServer:
+    def __init__(self, workdir):
+        self.workdir = workdir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed: .ci/run must install it")
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def wait_backoff():
+    time.sleep(2.2)  # the tier retries a failed server after a 2 s back-off
+
+
+TURN = textwrap.dedent("""
+    import json, sys, torch, warnings
+    warnings.filterwarnings("ignore")
+    from transformers import AutoModelForCausalLM
+    from attnstore_hf import AttentionStore, StoreConfig
+    model_dir, disk_dir, url, ids = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([ids])
+    with AttentionStore(StoreConfig(disk_dir=disk_dir, redis_url=url)) as store:
+        cache = store.cache_for(model, "s", ids)
+        out = model.generate(cache.input_ids, past_key_values=cache, max_new_tokens=5, min_new_tokens=5,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        store.save("s", cache, out.sequences)
+    print(json.dumps({"reused": cache.reused_tokens, "source": cache.source, "sequences": out.sequences[0].tolist(),
+                      "logits": out.logits[0][0].tolist()}))
+""")
+
+
+def run_turn(model_dir, disk_dir, url, ids):
+    p = subprocess.run([sys.executable, "-c", TURN, str(model_dir), str(disk_dir), url, json.dumps(ids)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_two_machines_share_one_redis(redis_server, tmp_path):
+    model = tiny_model("gemma3")
+    model.save_pretrained(tmp_path / "model")
+    ids = random_ids(30, 0)[0].tolist()
+    a1 = run_turn(tmp_path / "model", tmp_path / "diskA", redis_server.url, ids)  # replica A: turn 1
+    assert a1["reused"] == 0
+    ids2 = a1["sequences"] + random_ids(9, 1)[0].tolist()
+    b2 = run_turn(tmp_path / "model", tmp_path / "diskB", redis_server.url, ids2)  # replica B: turn 2
+    assert b2["source"] == "redis" and b2["reused"] == len(a1["sequences"]) - 1
+    ref = greedy(model, torch.tensor([ids2]))
+    assert b2["sequences"] == ref.sequences[0].tolist()
+    assert (torch.tensor(b2["logits"]) - ref.logits[0][0]).abs().max().item() <= TOL
+    # turn 3 back on A: its local record (turn 1) is stale; the longer shared one (turn 2) is used
+    ids3 = b2["sequences"] + random_ids(4, 2)[0].tolist()
+    a3 = run_turn(tmp_path / "model", tmp_path / "diskA", redis_server.url, ids3)
+    assert a3["source"] == "redis" and a3["reused"] == len(b2["sequences"]) - 1
+    assert a3["sequences"] == greedy(model, torch.tensor([ids3])).sequences[0].tolist()
+
+
+def _turn(model, store, ids, session="s"):
+    cache = store.cache_for(model, session, ids)
+    out = greedy(model, cache.input_ids, cache)
+    ref = greedy(model, cache.input_ids)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert (out.logits[0] - ref.logits[0]).abs().max().item() <= TOL
+    store.save(session, cache, out.sequences)
+    store.flush()
+    return cache, out
+
+
+def test_redis_down_at_start_then_back(redis_server, tmp_path, caplog):
+    model = tiny_model("llama")
+    redis_server.stop()
+    with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+        store = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url))
+    assert "not reachable" in caplog.text
+    cache, out = _turn(model, store, random_ids(20, 0))  # local tiers work, correct answer
+    assert store.stats()["redis_errors"] >= 1
+    redis_server.start()
+    wait_backoff()
+    ids2 = torch.cat([out.sequences, random_ids(5, 1)], 1)
+    cache, out = _turn(model, store, ids2)  # reconnects: this save reaches Redis
+    assert store.stats()["redis_writes"] == 1
+    store.close()
+    other = AttentionStore(StoreConfig(disk_dir=tmp_path / "b", redis_url=redis_server.url))
+    c = other.cache_for(model, "s", torch.cat([out.sequences, random_ids(3, 2)], 1))
+    assert c.source == "redis" and c.reused_tokens == out.sequences.shape[1] - 1
+    other.close()
+
+
+def test_redis_dies_during_save_and_load_and_comes_back_empty(redis_server, tmp_path):
+    model = tiny_model("qwen2")
+    a = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url))
+    _, out = _turn(model, a, random_ids(20, 0))
+    ids2 = torch.cat([out.sequences, random_ids(5, 1)], 1)
+    # dies during a save: the publish fails, the local tiers keep the record, nothing crashes
+    cache = a.cache_for(model, "s", ids2)
+    out2 = greedy(model, cache.input_ids, cache)
+    redis_server.stop()
+    a.save("s", cache, out2.sequences)
+    a.flush()
+    assert a.stats()["redis_errors"] >= 1 and a.stats()["saves"] == 2
+    # dies during a load: another replica with empty local tiers recomputes, correctly
+    b = AttentionStore(StoreConfig(disk_dir=tmp_path / "b", redis_url=redis_server.url))
+    ids3 = torch.cat([out2.sequences, random_ids(4, 2)], 1)
+    c, _ = _turn(model, b, ids3)
+    assert c.reused_tokens == 0
+    # comes back empty (no persistence): misses, then it fills again
+    redis_server.start()
+    wait_backoff()
+    d = AttentionStore(StoreConfig(disk_dir=tmp_path / "d", redis_url=redis_server.url))
+    c, out4 = _turn(model, d, ids3)
+    assert c.reused_tokens == 0
+    e = AttentionStore(StoreConfig(disk_dir=tmp_path / "e", redis_url=redis_server.url))
+    c = e.cache_for(model, "s", torch.cat([out4.sequences, random_ids(2, 3)], 1))
+    assert c.source == "redis" and c.reused_tokens == out4.sequences.shape[1] - 1
+    for s in (a, b, d, e):
+        s.close()
+
+
+def test_corrupt_shared_record_is_a_miss(redis_server, tmp_path, caplog):
+    import redis as redis_py
+
+    model = tiny_model("llama")
+    a = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url, redis_chunk_bytes=1024))
+    _, out = _turn(model, a, random_ids(20, 0))
+    a.close()
+    client = redis_py.Redis.from_url(redis_server.url)
+    chunks = [k for k in client.keys("attnstore:*") if not k.endswith(b":m")]
+    assert len(chunks) > 1  # chunked (1 kB values)
+    man_key = [k for k in client.keys("attnstore:*") if k.endswith(b":m")][0]
+    man = json.loads(client.get(man_key))
+    man["sha256"] = "0" * 64  # a manifest that no longer matches its chunks
+    client.set(man_key, json.dumps(man))
+    b = AttentionStore(StoreConfig(disk_dir=tmp_path / "b", redis_url=redis_server.url))
+    c, _ = _turn(model, b, torch.cat([out.sequences, random_ids(3, 1)], 1))
+    assert c.reused_tokens == 0
+    b.close()
+
+
+def test_keys_share_one_hash_slot_and_carry_namespace(redis_server, tmp_path):
+    import redis as redis_py
+
+    model = tiny_model("llama")
+    s = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url, namespace="tenant-x",
+                                   redis_chunk_bytes=2048))
+    _turn(model, s, random_ids(20, 0))
+    s.close()
+    keys = redis_py.Redis.from_url(redis_server.url).keys("*")
+    assert keys and all(k.startswith(b"attnstore:tenant-x:{") for k in keys)
+    tags = {k[k.index(b"{"): k.index(b"}") + 1] for k in keys}
+    assert len(tags) == 1  # one hash tag: one Cluster slot for the whole record
