@@ -33,6 +33,29 @@ def _write_report(rows: list[dict], cols: list[str], path: str | None, extra: di
     return table
 
 
+def _start_redis():
+    """A throw-away redis-server on a free loopback port (Debian package redis-server)."""
+    import shutil
+    import socket
+    import subprocess
+
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server) and no --redis-url given")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -70,14 +93,15 @@ def bench_reuse(args) -> list[dict]:
         ids = torch.tensor([all_ids[: hist + args.new]])
         sid = f"bench-{hist}"
         # the conversation so far: `hist` tokens of KV in a record (DRAM and disk)
-        with AttentionStore(StoreConfig(disk_dir=disk_dir)) as store:
+        redis_url = getattr(args, "redis_url", None)
+        with AttentionStore(StoreConfig(disk_dir=disk_dir, redis_url=redis_url)) as store:
             cache = store.cache_for(model, sid, ids[:, :hist])  # prefill keeps KV of all `hist` prompt tokens
             out, _ = timed_generate(model, ids[:, :hist], cache, **gen)
             store.save(sid, cache, out)
         rec_path = os.path.join(disk_dir, session_key("default", sid) + ".safetensors")
         warm = AttentionStore(StoreConfig(disk_dir=disk_dir))
         warm.cache_for(model, sid, ids)  # promote to DRAM
-        t_re, t_dram, t_disk = [], [], []
+        t_re, t_dram, t_disk, t_redis = [], [], [], []
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all three alike
             ref, t = timed_generate(model, ids, None, **gen)
             t_re.append(t)
@@ -94,11 +118,22 @@ def bench_reuse(args) -> list[dict]:
             assert c.source == "disk" and c.reused_tokens == hist and torch.equal(o, ref)
             t_disk.append(t)
             cold.close()
+            if redis_url:  # another machine: empty DRAM, no local disk, the shared tier only
+                remote = AttentionStore(StoreConfig(disk_dir=None, redis_url=redis_url))
+                t0 = time.perf_counter()
+                c = remote.cache_for(model, sid, ids)
+                o, t = timed_generate(model, ids, c, t0=t0, **gen)
+                assert c.source == "redis" and c.reused_tokens == hist and torch.equal(o, ref)
+                t_redis.append(t)
+                remote.close()
             steps.update()
         warm.close()
         row = {"history": hist, "new": args.new, "ttft_recompute_s": statistics.median(t_re),
                "ttft_dram_s": statistics.median(t_dram), "ttft_disk_s": statistics.median(t_disk),
                "record_mb": os.path.getsize(rec_path) / 1e6}
+        if t_redis:
+            row["ttft_redis_s"] = statistics.median(t_redis)
+            row["speedup_redis"] = row["ttft_recompute_s"] / row["ttft_redis_s"]
         row["speedup_dram"] = row["ttft_recompute_s"] / row["ttft_dram_s"]
         row["speedup_disk"] = row["ttft_recompute_s"] / row["ttft_disk_s"]
         rows.append(row)
@@ -339,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--new", type=int, default=64)
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
+    r.add_argument("--redis-url", default=None, help="also measure restoring from this Redis")
+    rm = sub.add_parser("remote", help="restore from Redis vs local disk vs DRAM vs recompute (2048 tokens)")
+    rm.add_argument("--model", default=None)
+    rm.add_argument("--dtype", default="float32")
+    rm.add_argument("--histories", type=int, nargs="+", default=[2048])
+    rm.add_argument("--new", type=int, default=64)
+    rm.add_argument("--repeats", type=int, default=3)
+    rm.add_argument("--redis-url", default=None, help="default: start a temporary redis-server on loopback")
+    rm.add_argument("--json", default=None)
     g = sub.add_parser("growth", help="decode-time cache growth: chunked buffers vs DynamicLayer concatenation")
     g.add_argument("--steps", type=int, nargs="+", default=[256, 1024, 4096])
     g.add_argument("--prompt", type=int, default=2048)
@@ -387,10 +431,19 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.WARNING)
     extra = {"benchmark": args.cmd, "torch_threads": torch.get_num_threads()}
-    if args.cmd == "reuse":
-        rows = bench_reuse(args)
-        cols = ["history", "new", "ttft_recompute_s", "ttft_dram_s", "ttft_disk_s", "speedup_dram", "speedup_disk",
-                "record_mb"]
+    if args.cmd in ("reuse", "remote"):
+        server = None
+        if args.cmd == "remote" and not args.redis_url:
+            server, args.redis_url = _start_redis()
+        try:
+            rows = bench_reuse(args)
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
+        cols = ["history", "new", "ttft_recompute_s", "ttft_dram_s", "ttft_disk_s"]
+        cols += ["ttft_redis_s"] if args.redis_url else []
+        cols += ["speedup_dram", "speedup_disk"] + (["speedup_redis"] if args.redis_url else []) + ["record_mb"]
     elif args.cmd == "growth":
         rows = bench_growth(args)
         cols = ["prompt", "decode_steps", "dynamic_s", "chunked_s", "speedup", "dynamic_copied_mb"]
