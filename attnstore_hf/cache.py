@@ -7,6 +7,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 
 from .errors import NotPatchedError, UnsupportedModelError
 from .patching import ModelPatch, patch_model
+from .codec import decode
 from .rope import apply_rope
 
 #: The working cache grows its buffers by at least this many tokens (then doubling): no copy per decode step.
@@ -324,11 +325,11 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
     for i, (lay, work, local) in enumerate(zip(record.layers, cache.layers, per_layer)):
         if contiguous:  # slicing keeps the common case copy-free until the device transfer
             a = int(local[0]) if local.numel() else 0
-            raw, values = lay.keys[:, :, a : a + local.numel()], lay.values[:, :, a : a + local.numel()]
+            sel = slice(a, a + local.numel())
         else:
-            raw, values = lay.keys[:, :, local], lay.values[:, :, local]
-        raw = raw.to(device=device, dtype=dtype, non_blocking=True)
-        values = values.to(device=device, dtype=dtype, non_blocking=True)
+            sel = local
+        # the stored (possibly narrow or quantized) data moves to the device, then is decoded there
+        raw, values = decode(lay.parts(), record.codec, dtype, sel, device)
         ltype = adapter.layer_type(model, i)
         if ltype not in tables:
             full = torch.arange(span, device=device).unsqueeze(0)

@@ -80,6 +80,10 @@ class StoreConfig:
         redis_ttl_seconds: expiry of records in Redis (``None``: never).
         redis_chunk_bytes: largest value written to Redis (records are chunked).
         redis_timeout_s: socket timeout; a timeout or a dead server is a miss, retried after a short back-off.
+        codec: how records are stored: ``"none"`` (the model's dtype: exact), ``"bf16"``/``"fp16"``,
+            ``"int8"`` (keys per channel, values per token, with scales) or ``"fp8"`` (e4m3, scaled likewise).
+        disk_codec: the codec of the disk and Redis copies (``None``: the same as ``codec``), e.g. DRAM ``none``
+            and disk ``int8``. A record is always decoded by the codec it names.
     """
 
     dram_bytes: int | str | None = "2GB"
@@ -103,6 +107,8 @@ class StoreConfig:
     redis_ttl_seconds: float | None = None
     redis_chunk_bytes: int | str = "4MB"
     redis_timeout_s: float = 1.0
+    codec: str = "none"
+    disk_codec: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +131,11 @@ class StoreConfig:
                 f"storage_dtype must be None (the model's dtype), 'float32', 'float16' or 'bfloat16', "
                 f"got {self.storage_dtype!r}"
             )
+        from .codec import check_codec
+
+        check_codec(self.codec)
+        if self.disk_codec is not None:
+            check_codec(self.disk_codec)
         if self.policy not in ("lru", "fifo", "scheduler"):
             raise ConfigError(f"policy must be 'lru', 'fifo' or 'scheduler', got {self.policy!r}")
         if self.ttl_seconds is not None and self.ttl_seconds <= 0:

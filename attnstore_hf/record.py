@@ -16,6 +16,9 @@ from .errors import RecordError
 FORMAT_VERSION = 1
 MAGIC = "attnstore-hf"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# dtype of stored k/v per codec (None: the record's dtype)
+_CODEC_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
+                 "fp8": getattr(torch, "float8_e4m3fn", None)}
 
 
 def session_key(namespace: str, session_id: str) -> str:
@@ -35,16 +38,29 @@ def _digest(t: torch.Tensor) -> str:
 
 @dataclass
 class LayerKV:
-    """One layer of a record: pre-RoPE keys and values ``[1, H, n, D]`` of positions ``start .. start+n-1``."""
+    """One layer of a record: pre-RoPE keys and values ``[1, H, n, D]`` of positions ``start .. start+n-1``,
+    as the record's codec stores them (with per-channel key scales / per-token value scales if quantized)."""
 
     kind: str  # "full" or "sliding"
     start: int
     keys: torch.Tensor
     values: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         return self.keys.shape[-2]
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        p = {"k": self.keys, "v": self.values}
+        if self.k_scale is not None:
+            p["ks"], p["vs"] = self.k_scale, self.v_scale
+        return p
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
 
 
 @dataclass
@@ -58,6 +74,7 @@ class SessionRecord:
     token_ids: list[int]
     layers: list[LayerKV]
     meta: dict = field(default_factory=dict)
+    codec: str = "none"
 
     @property
     def key(self) -> str:
@@ -69,8 +86,7 @@ class SessionRecord:
 
     @property
     def nbytes(self) -> int:
-        return sum(lay.keys.numel() * lay.keys.element_size() + lay.values.numel() * lay.values.element_size()
-                   for lay in self.layers) + 8 * len(self.token_ids)
+        return sum(lay.nbytes for lay in self.layers) + 8 * len(self.token_ids)
 
     # ---- encoding ---------------------------------------------------------------------------------------
     def header(self) -> dict:
@@ -81,6 +97,7 @@ class SessionRecord:
             "session_id": self.session_id,
             "fingerprint": self.fingerprint,
             "dtype": self.dtype,
+            "codec": self.codec,
             "token_ids": self.token_ids,
             "layers": [{"kind": lay.kind, "start": lay.start, "length": lay.length} for lay in self.layers],
             "meta": self.meta,
@@ -89,8 +106,8 @@ class SessionRecord:
     def to_bytes(self) -> bytes:
         tensors = {}
         for i, lay in enumerate(self.layers):
-            tensors[f"k.{i}"] = lay.keys.contiguous()
-            tensors[f"v.{i}"] = lay.values.contiguous()
+            for name, t in lay.parts().items():
+                tensors[f"{name}.{i}"] = t.contiguous()
         head = self.header()
         head["checksums"] = {name: _digest(t) for name, t in tensors.items()}
         head["header_checksum"] = _header_digest(head)
@@ -127,18 +144,28 @@ class SessionRecord:
             for name, t in tensors.items():
                 if _digest(t) != sums[name]:
                     raise RecordError(f"checksum mismatch in tensor {name}: the file is corrupt")
+            codec = head.get("codec", "none")
+            if codec not in _CODEC_DTYPES:
+                raise RecordError(f"unknown codec {codec!r}")
+            want = _CODEC_DTYPES[codec] or _DTYPES[head["dtype"]]
             layers = []
             for i, spec in enumerate(head["layers"]):
                 k, v = tensors[f"k.{i}"], tensors[f"v.{i}"]
-                if k.dtype != _DTYPES[head["dtype"]] or k.shape[-2] != spec["length"] or v.shape[-2] != spec["length"]:
+                n = spec["length"]
+                if k.dtype != want or v.dtype != want or k.dim() != 4 or k.shape[-2] != n or v.shape[-2] != n:
                     raise RecordError(f"layer {i} does not match the header")
-                layers.append(LayerKV(spec["kind"], int(spec["start"]), k, v))
+                ks, vs = tensors.get(f"ks.{i}"), tensors.get(f"vs.{i}")
+                if codec in ("int8", "fp8"):
+                    if ks is None or vs is None or ks.shape != (*k.shape[:2], 1, k.shape[3]) \
+                            or vs.shape != (*v.shape[:3], 1):
+                        raise RecordError(f"layer {i}: missing or misshapen quantization scales")
+                layers.append(LayerKV(spec["kind"], int(spec["start"]), k, v, ks, vs))
             token_ids = [int(t) for t in head["token_ids"]]
             for lay in layers:
                 if lay.start + lay.length != len(token_ids) and lay.length:
                     raise RecordError("layer lengths do not match the token ids")
             return cls(head["namespace"], head["session_id"], head["fingerprint"], head["dtype"], token_ids,
-                       layers, head.get("meta") or {})
+                       layers, head.get("meta") or {}, codec)
         except RecordError:
             raise
         except Exception as exc:  # safetensors/json/struct errors on corrupt input
@@ -150,3 +177,19 @@ def dtype_name(dtype: torch.dtype) -> str:
         if dt == dtype:
             return name
     raise RecordError(f"unsupported KV dtype {dtype}")
+
+
+def transcode(record: SessionRecord, codec: str) -> SessionRecord:
+    """The same record stored with another codec (decoded to the record's dtype, then encoded)."""
+    from .codec import decode, encode
+
+    if codec == record.codec:
+        return record
+    dtype = _DTYPES[record.dtype]
+    layers = []
+    for lay in record.layers:
+        k, v = decode(lay.parts(), record.codec, dtype)
+        p = encode(k, v, codec)
+        layers.append(LayerKV(lay.kind, lay.start, p["k"], p["v"], p.get("ks"), p.get("vs")))
+    return SessionRecord(record.namespace, record.session_id, record.fingerprint, record.dtype,
+                         list(record.token_ids), layers, dict(record.meta), codec)

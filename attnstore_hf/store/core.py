@@ -13,7 +13,8 @@ import torch
 from ..cache import AttentionStoreCache, SlidingLayer, restore, reusable_length
 from ..config import StoreConfig
 from ..errors import AttnStoreError, RecordError
-from ..record import LayerKV, SessionRecord, dtype_name, session_key
+from ..codec import encode
+from ..record import LayerKV, SessionRecord, dtype_name, session_key, transcode
 from .disk import DiskTier
 from .dram import DramTier
 from .policy import make_policy
@@ -176,7 +177,8 @@ class AttentionStore:
         from .redis import RedisUnavailable
 
         try:
-            n = self.redis.put_bytes(rec.key, rec.fingerprint, rec.to_bytes(), tokens=rec.num_tokens)
+            far = self._far_copy(rec)
+            n = self.redis.put_bytes(rec.key, rec.fingerprint, far.to_bytes(), tokens=rec.num_tokens)
         except RedisUnavailable as exc:
             self._count("redis_errors")
             log.warning("session %r: could not publish the record to Redis (%s); local tiers keep it",
@@ -308,12 +310,15 @@ class AttentionStore:
             raise ValueError("sequences does not start with the tokens this cache restored: pass generate()'s output "
                              "for the same conversation")
         layers = []
-        for (raw, values, start), work in zip(cache.raw_layers(), cache.layers):
+        raws = cache.raw_layers()
+        for (raw, values, start), work in zip(raws, cache.layers):
             if raw.shape[0] != 1:
                 raise ValueError(f"only batch size 1 can be saved as a session (cache batch is {raw.shape[0]})")
             kind = "sliding" if isinstance(work, SlidingLayer) else "full"
-            layers.append(LayerKV(kind, start, raw.detach().to("cpu", copy=True), values.detach().to("cpu", copy=True)))
-        dtype = dtype_name(layers[0].keys.dtype) if layers else "float32"
+            parts = encode(raw.detach(), values.detach(), self.config.codec)  # on the compute device
+            parts = {k: t.to("cpu", copy=True) for k, t in parts.items()}
+            layers.append(LayerKV(kind, start, parts["k"], parts["v"], parts.get("ks"), parts.get("vs")))
+        dtype = dtype_name(raws[0][0].dtype) if raws else "float32"
         fingerprint = cache._patch._fingerprint or ""
         # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete
         meta = {"tail_ids": seq[n:]}
@@ -322,7 +327,8 @@ class AttentionStore:
             if offset > 0:  # truncated: remember the user's coordinates of what the record holds
                 origin = cache.user_ids + seq[cache.input_ids.shape[1]:]
                 meta["origin_ids"] = origin[: n + offset]
-        return SessionRecord(self.namespace, session_id, fingerprint, dtype, seq[:n], layers, meta=meta)
+        return SessionRecord(self.namespace, session_id, fingerprint, dtype, seq[:n], layers, meta=meta,
+                             codec=self.config.codec)
 
     def save(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
         """Store the conversation held by ``cache``. ``sequences`` is generate()'s output (prompt + reply).
@@ -392,7 +398,13 @@ class AttentionStore:
         with self._lock:
             self._pending.discard(fut)
 
+    def _far_copy(self, rec: SessionRecord) -> SessionRecord:
+        """The record as the disk and Redis tiers store it (``disk_codec``)."""
+        codec = self.config.disk_codec
+        return rec if codec is None or codec == rec.codec else transcode(rec, codec)
+
     def _write_disk(self, rec: SessionRecord) -> None:
+        rec = self._far_copy(rec)
         try:
             before = self.disk.evictions
             n = self.disk.put(rec, protect=self._protect_disk)

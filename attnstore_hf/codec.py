@@ -1,0 +1,56 @@
+"""Record codecs: how a layer's pre-RoPE K/V are stored (``none``, ``bf16``, ``fp16``, ``int8``, ``fp8``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+CODECS = ("none", "bf16", "fp16", "int8", "fp8")
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+_FP8_MAX = 448.0
+
+
+def check_codec(name: str) -> str:
+    if name not in CODECS:
+        raise ConfigError(f"codec must be one of {CODECS}, got {name!r}")
+    if name == "fp8" and _FP8 is None:
+        raise ConfigError("codec 'fp8' needs a torch with float8_e4m3fn")
+    return name
+
+
+def encode(keys: torch.Tensor, values: torch.Tensor, codec: str) -> dict[str, torch.Tensor]:
+    """Encode ``[B, H, T, D]`` keys/values. Keys are scaled per channel (pre-RoPE keys have outlier channels),
+    values per token. Returns the tensors to store: ``k``, ``v`` and, for quantized codecs, ``ks``, ``vs``."""
+    if codec == "none":
+        return {"k": keys, "v": values}
+    if codec in ("bf16", "fp16"):
+        dt = torch.bfloat16 if codec == "bf16" else torch.float16
+        return {"k": keys.to(dt), "v": values.to(dt)}
+    kf, vf = keys.float(), values.float()
+    top = 127.0 if codec == "int8" else _FP8_MAX
+    ks = (kf.abs().amax(dim=-2, keepdim=True) / top).clamp_min(1e-12)  # [B, H, 1, D]: per channel
+    vs = (vf.abs().amax(dim=-1, keepdim=True) / top).clamp_min(1e-12)  # [B, H, T, 1]: per token
+    if codec == "int8":
+        k = torch.round(kf / ks).clamp_(-127, 127).to(torch.int8)
+        v = torch.round(vf / vs).clamp_(-127, 127).to(torch.int8)
+    else:
+        k = (kf / ks).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
+        v = (vf / vs).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
+    return {"k": k, "v": v, "ks": ks, "vs": vs.to(torch.float16)}
+
+
+def decode(parts: dict[str, torch.Tensor], codec: str, dtype: torch.dtype, token_index=None,
+           device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values in ``dtype`` on ``device`` for the tokens ``token_index`` (a slice or index tensor on the
+    token axis; ``None`` = all). The narrow data moves to the device first and is widened there."""
+    sel = slice(None) if token_index is None else token_index
+    k, v = parts["k"][:, :, sel], parts["v"][:, :, sel]
+    k = k.to(device, non_blocking=True) if device is not None else k
+    v = v.to(device, non_blocking=True) if device is not None else v
+    if codec in ("none", "bf16", "fp16"):
+        return k.to(dtype), v.to(dtype)
+    ks = parts["ks"].to(k.device)
+    vs = parts["vs"][:, :, sel].to(v.device)
+    return (k.float() * ks).to(dtype), (v.float() * vs.float()).to(dtype)
+
