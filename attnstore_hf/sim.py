@@ -68,6 +68,7 @@ class SimConfig:
     scale: float = 1e-4            # tensors and capacities scaled by this: hit rates depend on ratios only
     lookahead: int = 2048
     write_policy: str = "write_back"  # AttentionStore's: records reach disk when DRAM demotes them
+    codec: str = "none"                # record codec: sizes shrink by the codec's measured ratio
     seed: int = 0
     policies: tuple = ("lru", "fifo", "scheduler")
     results: dict = field(default_factory=dict)
@@ -151,9 +152,21 @@ def build_trace(sessions: list[list[Turn]], cfg: SimConfig) -> list[tuple]:
     return ops
 
 
+def codec_ratio(codec: str, heads: int = 8, head_dim: int = 128) -> float:
+    """Bytes of a record stored with ``codec`` relative to 16-bit storage, measured by encoding a sample."""
+    from .codec import encode
+
+    if codec in ("none", "bf16", "fp16"):
+        return 1.0
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, heads, 1024, head_dim, generator=g)
+    size = sum(t.numel() * t.element_size() for t in encode(k, k, codec).values())
+    return size / (2 * k.numel() * 2)
+
+
 def replay(ops: list[tuple], cfg: SimConfig, policy: str, dram: float | None = None) -> dict:
     """Run the trace's operations through a real ``AttentionStore`` with ``policy``. Returns hit statistics."""
-    bpt = KV_BYTES_PER_TOKEN[cfg.model]
+    bpt = KV_BYTES_PER_TOKEN[cfg.model] * codec_ratio(cfg.codec)
     scaled_bpt = max(4, int(round(bpt * cfg.scale)))
     scale = scaled_bpt / bpt  # the exact factor used, applied to capacities too
     dram = cfg.dram if dram is None else dram

@@ -206,22 +206,29 @@ def bench_sim(args) -> tuple[list[dict], dict]:
             "mean_record_bytes": sum(finals) * bpt / len(finals), "dram_bytes": cfg.dram, "disk_bytes": cfg.disk,
             "config": {k: v for k, v in vars(cfg).items() if k not in ("results", "policies")}}
     drams = sorted(set([cfg.dram] + [parse_size(d) for d in (args.sweep or [])]))
-    rows, policies = [], {}
-    bar = tqdm(total=len(drams) * len(cfg.policies), desc="simulating", unit="run")
-    for dram in drams:
+    codecs = [c for c in (args.codecs or "").split(",") if c and c != "none"]
+    rows, policies, by_codec = [], {}, {}
+    bar = tqdm(total=(len(drams) + len(codecs)) * len(cfg.policies), desc="simulating", unit="run")
+    for codec, dram in [("none", d) for d in drams] + [(c, cfg.dram) for c in codecs]:
+        cfg.codec = codec
         for pol in cfg.policies:
             t0 = time.perf_counter()
             r = replay(ops, cfg, pol, dram=dram)
             r["seconds"] = time.perf_counter() - t0
-            rows.append({"policy": pol, "dram_gb": dram / 1e9, "disk_gb": cfg.disk / 1e9, **r})
+            rows.append({"codec": codec, "policy": pol, "dram_gb": dram / 1e9, "disk_gb": cfg.disk / 1e9, **r})
             if dram == cfg.dram:
-                policies[pol] = r
+                by_codec.setdefault(codec, {})[pol] = r
             bar.update()
     bar.close()
+    cfg.codec = "none"
+    policies = by_codec["none"]
     info["policies"] = policies
+    if codecs:
+        info["codecs"] = by_codec
     if args.png and len(drams) > 1:
         _plot_sim(rows, args.png)
-    return [r for r in rows if r["dram_gb"] == cfg.dram / 1e9], {**info, "sweep": rows}
+    return [r for r in rows if r["dram_gb"] == cfg.dram / 1e9], {**info, "sweep": [r for r in rows
+                                                                                 if r["codec"] == "none"]}
 
 
 def _plot_sim(rows: list[dict], path: str) -> None:
@@ -404,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more DRAM capacities for the plot (same trace)")
     m.add_argument("--png", default=None, help="plot of hit rate vs DRAM capacity")
     m.add_argument("--no-tokenizer", action="store_true", help="count ~4 characters per token instead")
+    m.add_argument("--codecs", default=None, help="also run with records stored by these codecs, e.g. int8,fp8")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", default=None)
     r2 = sub.add_parser("replay", help="ShareGPT sessions on the real model: recompute vs hf_dynamic vs attnstore")
@@ -461,8 +469,8 @@ def main(argv=None) -> int:
             args.png = os.path.splitext(args.json)[0] + ".png"
         rows, info = bench_sim(args)
         extra.update(info)
-        cols = ["policy", "dram_gb", "disk_gb", "hit_rate", "dram_hit_rate", "disk_hit_rate", "dram_share_of_hits",
-                "prefetch_hits", "seconds"]
+        cols = ["codec", "policy", "dram_gb", "disk_gb", "hit_rate", "dram_hit_rate", "disk_hit_rate",
+                "dram_share_of_hits", "prefetch_hits", "seconds"]
         print(f"{info['sessions']} sessions, {info['turns']} turns, working set "
               f"{info['working_set_bytes'] / 1e9:.0f} GB (mean record {info['mean_record_bytes'] / 1e9:.2f} GB)")
     print(_write_report(rows, cols, args.json, extra))

@@ -24,9 +24,9 @@ from ..store import AttentionStore
 METHODS = {"CA": "ca", "TT": "tt", "NKVT": "nkvt"}
 
 
-def _store(method: str, window: int) -> AttentionStore:
+def _store(method: str, window: int, codec: str = "none") -> AttentionStore:
     return AttentionStore(StoreConfig(dram_bytes=None, disk_dir=None, max_context=window, reserve_tokens=0,
-                                      truncation=METHODS[method], namespace=f"eval-{method}"))
+                                      truncation=METHODS[method], namespace=f"eval-{method}", codec=codec))
 
 
 @torch.no_grad()
@@ -102,6 +102,42 @@ def perplexity(model, convs, window: int, progress: bool = True) -> dict:
             "perplexity": {m: math.exp(nll[m] / n) for m in METHODS}}
 
 
+def codec_perplexity(model, convs, codecs: list[str], progress: bool = True) -> dict:
+    """Perplexity of the same conversations restored from records stored with each codec (no truncation), and
+    each codec's record size relative to 16-bit storage."""
+    from tqdm.auto import tqdm
+
+    from ..record import transcode
+
+    out = {}
+    bar = tqdm(total=len(convs) * (len(codecs) + 1), desc="codecs", unit="conv", disable=not progress)
+    for codec in ["none", *codecs]:
+        nll, n, size, size16 = 0.0, 0, 0, 0
+        for ci, conv in enumerate(convs):
+            store = _store("CA", 1 << 30, codec)
+            hist: list[int] = []
+            for turn in conv:
+                logits, kept, reused, _ = _teacher_forced_turn(model, store, f"c{ci}", hist + turn)
+                n_new = min(len(turn), len(kept) - reused)
+                targets = torch.tensor(kept[len(kept) - n_new + 1:])
+                first = len(kept) - n_new - reused
+                nll += torch.nn.functional.cross_entropy(logits[first : first + len(targets)], targets,
+                                                         reduction="sum").item()
+                n += len(targets)
+                hist = kept
+            rec, _ = store.get_record(f"c{ci}")
+            size += rec.nbytes - 8 * rec.num_tokens
+            size16 += transcode(rec, "bf16").nbytes - 8 * rec.num_tokens
+            store.close()
+            bar.update()
+        out[codec] = {"perplexity": math.exp(nll / n), "n_tokens": n, "bytes_ratio": size / size16}
+    bar.close()
+    base = out["none"]["perplexity"]
+    for codec in codecs:
+        out[codec]["ppl_rel_delta"] = out[codec]["perplexity"] / base - 1
+    return out
+
+
 # ---- (b) retrieval -------------------------------------------------------------------------------------------------
 LABELS = """apple river tiger candle mirror violin pepper rocket garden hammer island jacket lemon marble needle orange
 pillow quartz saddle tunnel umbrella valley walnut yellow zebra anchor basket cactus dragon engine falcon glacier
@@ -120,7 +156,8 @@ def _lines(rng: random.Random, labels: list[str]) -> tuple[str, dict[str, str]]:
 
 
 @torch.no_grad()
-def retrieval(model, tok, window: int, samples: int, seed: int = 0, progress: bool = True) -> dict:
+def retrieval(model, tok, window: int, samples: int, seed: int = 0, progress: bool = True,
+              codecs: list[str] | None = None) -> dict:
     """LongEval "lines" with word labels. Three turns of lines (about 0.4 window each): the third overflows and
     truncation drops the oldest part; then a question about a line that survived (in the kept half of turn 2)."""
     from tqdm.auto import tqdm
@@ -131,8 +168,9 @@ def retrieval(model, tok, window: int, samples: int, seed: int = 0, progress: bo
     count = max(4, int(0.4 * window) // per_line)
     if 3 * count > len(LABELS):
         raise SystemExit(f"window {window} needs {3 * count} line labels; at most {len(LABELS)} available")
-    correct = {m: 0 for m in [*METHODS, "full"]}
-    bar = tqdm(total=samples * (len(METHODS) + 1), desc="retrieval", unit="sample", disable=not progress)
+    variants = [*METHODS, "full"] if codecs is None else list(codecs)
+    correct = {m: 0 for m in variants}
+    bar = tqdm(total=samples * len(variants), desc="retrieval", unit="sample", disable=not progress)
     for s in range(samples):
         rng = random.Random(seed * 1000 + s)
         labels = rng.sample(LABELS, 3 * count)
@@ -147,8 +185,11 @@ def retrieval(model, tok, window: int, samples: int, seed: int = 0, progress: bo
         question = f"line {target}: REGISTER_CONTENT is <"
         turns = [tok(texts[0]).input_ids] + [tok(x, add_special_tokens=False).input_ids for x in texts[1:]]
         q_ids = tok(question, add_special_tokens=False).input_ids
-        for method in [*METHODS, "full"]:
-            store = _store(method if method != "full" else "CA", window if method != "full" else 1 << 20)
+        for method in variants:
+            if codecs is not None:  # codec variants: no truncation, the record stored with that codec
+                store = _store("CA", 1 << 20, method)
+            else:
+                store = _store(method if method != "full" else "CA", window if method != "full" else 1 << 20)
             hist: list[int] = []
             for turn in turns:
                 _, hist, _, _ = _teacher_forced_turn(model, store, "r", hist + turn)
@@ -172,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-turns", type=int, default=12)
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codecs", default=None, help="also evaluate record codecs, e.g. int8,fp8")
+    p.add_argument("--skip-truncation", action="store_true", help="only the codec evaluation")
     return p
 
 
@@ -187,18 +230,34 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     convs = conversations_for_ppl(tok, n_conv, min_tokens=2 * window, max_turns=args.max_turns)
-    ppl = perplexity(model, convs, window)
-    acc = retrieval(model, tok, window, samples, seed=args.seed)
-    result = {"model": args.model or "gemma3-270m", "window": window, "conversations": len(convs),
-              "n_tokens": ppl["n_tokens"], "truncations": ppl["truncations"], "perplexity": ppl["perplexity"],
-              "ppl_rel_delta_vs_TT": {m: ppl["perplexity"][m] / ppl["perplexity"]["TT"] - 1 for m in METHODS},
-              "retrieval_accuracy": acc, "retrieval_samples": samples, "seconds": time.perf_counter() - t0}
-    print("| method | perplexity | rel. to TT | retrieval accuracy |\n|---|---|---|---|")
-    for m in METHODS:
-        print(f"| {m} | {ppl['perplexity'][m]:.3f} | {result['ppl_rel_delta_vs_TT'][m]:+.2%} | {acc[m]:.0%} |")
-    print(f"| no truncation | - | - | {acc['full']:.0%} |")
-    print(f"{ppl['n_tokens']} tokens scored over {len(convs)} conversations, {ppl['truncations']} truncations, "
-          f"window {window}, {result['seconds']:.0f} s")
+    result = {"model": args.model or "gemma3-270m", "window": window, "conversations": len(convs)}
+    if not args.skip_truncation:
+        ppl = perplexity(model, convs, window)
+        acc = retrieval(model, tok, window, samples, seed=args.seed)
+        result.update({"n_tokens": ppl["n_tokens"], "truncations": ppl["truncations"],
+                       "perplexity": ppl["perplexity"],
+                       "ppl_rel_delta_vs_TT": {m: ppl["perplexity"][m] / ppl["perplexity"]["TT"] - 1 for m in METHODS},
+                       "retrieval_accuracy": acc, "retrieval_samples": samples})
+        print("| method | perplexity | rel. to TT | retrieval accuracy |\n|---|---|---|---|")
+        for m in METHODS:
+            print(f"| {m} | {ppl['perplexity'][m]:.3f} | {result['ppl_rel_delta_vs_TT'][m]:+.2%} | {acc[m]:.0%} |")
+        print(f"| no truncation | - | - | {acc['full']:.0%} |")
+        print(f"{ppl['n_tokens']} tokens scored over {len(convs)} conversations, {ppl['truncations']} truncations, "
+              f"window {window}")
+    if args.codecs:
+        codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+        cp = codec_perplexity(model, convs, codecs)
+        cacc = retrieval(model, tok, window, samples, seed=args.seed, codecs=["none", *codecs])
+        result["codecs"] = {c: {"bytes_ratio": cp[c]["bytes_ratio"], "ppl_rel_delta": cp[c].get("ppl_rel_delta", 0.0),
+                                "perplexity": cp[c]["perplexity"], "retrieval_accuracy": cacc[c]}
+                            for c in ["none", *codecs]}
+        result["codec_n_tokens"] = cp["none"]["n_tokens"]
+        print("| codec | bytes vs 16-bit | perplexity | rel. to uncompressed | retrieval accuracy |\n|---|---|---|---|---|")
+        for c, r in result["codecs"].items():
+            print(f"| {c} | {r['bytes_ratio']:.3f} | {r['perplexity']:.3f} | {r['ppl_rel_delta']:+.2%} | "
+                  f"{r['retrieval_accuracy']:.0%} |")
+    result["seconds"] = time.perf_counter() - t0
+    print(f"{result['seconds']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
