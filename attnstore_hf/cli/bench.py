@@ -102,30 +102,24 @@ def bench_reuse(args) -> list[dict]:
         warm = AttentionStore(StoreConfig(disk_dir=disk_dir))
         warm.cache_for(model, sid, ids)  # promote to DRAM
         t_re, t_dram, t_disk, t_redis = [], [], [], []
-        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all three alike
+
+        def restored_ttft(store, source, ref):
+            t0 = time.perf_counter()
+            c = store.cache_for(model, sid, ids)
+            o, t = timed_generate(model, ids, c, t0=t0, **gen)
+            assert c.source == source and c.reused_tokens == hist and torch.equal(o, ref)
+            return t
+
+        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every variant alike
             ref, t = timed_generate(model, ids, None, **gen)
             t_re.append(t)
-            t0 = time.perf_counter()
-            c = warm.cache_for(model, sid, ids)
-            o, t = timed_generate(model, ids, c, t0=t0, **gen)
-            assert c.source == "dram" and c.reused_tokens == hist and torch.equal(o, ref)
-            t_dram.append(t)
+            t_dram.append(restored_ttft(warm, "dram", ref))
             _drop_page_cache(rec_path)
-            cold = AttentionStore(StoreConfig(disk_dir=disk_dir))
-            t0 = time.perf_counter()
-            c = cold.cache_for(model, sid, ids)
-            o, t = timed_generate(model, ids, c, t0=t0, **gen)
-            assert c.source == "disk" and c.reused_tokens == hist and torch.equal(o, ref)
-            t_disk.append(t)
-            cold.close()
+            with AttentionStore(StoreConfig(disk_dir=disk_dir)) as cold:
+                t_disk.append(restored_ttft(cold, "disk", ref))
             if redis_url:  # another machine: empty DRAM, no local disk, the shared tier only
-                remote = AttentionStore(StoreConfig(disk_dir=None, redis_url=redis_url))
-                t0 = time.perf_counter()
-                c = remote.cache_for(model, sid, ids)
-                o, t = timed_generate(model, ids, c, t0=t0, **gen)
-                assert c.source == "redis" and c.reused_tokens == hist and torch.equal(o, ref)
-                t_redis.append(t)
-                remote.close()
+                with AttentionStore(StoreConfig(disk_dir=None, redis_url=redis_url)) as remote:
+                    t_redis.append(restored_ttft(remote, "redis", ref))
             steps.update()
         warm.close()
         row = {"history": hist, "new": args.new, "ttft_recompute_s": statistics.median(t_re),
