@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
@@ -58,7 +58,6 @@ class StoreConfig:
         namespace: tenant name. Records of one namespace are never served to another.
         write_policy: ``"write_through"`` (every save is also written to disk, in the background) or
             ``"write_back"`` (written to disk only when evicted from DRAM or at ``close()``).
-        storage_dtype: dtype records are kept in; ``None`` keeps the model's dtype (exact reuse).
         save_workers: background threads writing records to disk.
         policy: ``"lru"``, ``"fifo"`` or ``"scheduler"`` (scheduler-aware: uses :meth:`AttentionStore.plan`;
             sessions not in the queue fall back to LRU).
@@ -91,7 +90,6 @@ class StoreConfig:
     disk_bytes: int | str | None = "20GB"
     namespace: str = "default"
     write_policy: str = "write_through"
-    storage_dtype: str | None = None
     save_workers: int = 1
     policy: str = "scheduler"
     prefetch_workers: int = 1
@@ -109,7 +107,6 @@ class StoreConfig:
     redis_timeout_s: float = 1.0
     codec: str = "none"
     disk_codec: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dram_bytes = parse_size(self.dram_bytes, "dram_bytes")
@@ -126,11 +123,6 @@ class StoreConfig:
             raise ConfigError(f"namespace must be a non-empty string, got {self.namespace!r}")
         if self.write_policy not in ("write_through", "write_back"):
             raise ConfigError(f"write_policy must be 'write_through' or 'write_back', got {self.write_policy!r}")
-        if self.storage_dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ConfigError(
-                f"storage_dtype must be None (the model's dtype), 'float32', 'float16' or 'bfloat16', "
-                f"got {self.storage_dtype!r}"
-            )
         from .codec import check_codec
 
         check_codec(self.codec)
