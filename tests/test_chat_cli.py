@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run_chat(tmp_path, lines):
-    r = subprocess.run([sys.executable, "scripts/chat.py", "--jsonl", "--session", "alice", "--disk-dir",
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "chat.py"), "--jsonl", "--session", "alice",
+                        "--disk-dir",
                         str(tmp_path / "kv"), "--max-new-tokens", "12"], input="\n".join(lines) + "\n",
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_eval_accuracy_small_run(tmp_path):
     out = tmp_path / "acc.json"
-    r = subprocess.run([sys.executable, "scripts/eval_accuracy.py", "--window", "256", "--conversations", "1",
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_accuracy.py"), "--window", "256",
+                        "--conversations", "1",
                         "--samples", "1", "--max-turns", "4", "--json", str(out)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from attnstore_hf.sim import SimConfig, build_trace, load_turns, replay
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_trace_is_well_formed():
@@ -36,7 +39,8 @@ def test_scheduler_aware_beats_lru_on_a_small_replay():
 
 def test_bench_sim_cli_writes_json(tmp_path):
     out = tmp_path / "sim.json"
-    r = subprocess.run([sys.executable, "scripts/bench.py", "sim", "--sessions", "80", "--no-tokenizer",
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sim", "--sessions", "80",
+                        "--no-tokenizer",
                         "--dram", "8GB", "--disk", "40GB", "--sweep", "4GB", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
