@@ -412,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     r2.add_argument("--model", default=None)
     r2.add_argument("--dtype", default="float32")
     r2.add_argument("--sessions", type=int, default=12)
-    r2.add_argument("--max-turns", type=int, default=5)
-    r2.add_argument("--user-cap", type=int, default=384, help="tokens kept of each user message")
-    r2.add_argument("--reply-cap", type=int, default=64, help="tokens of each recorded reply (teacher-forced)")
+    r2.add_argument("--max-turns", type=int, default=6)
+    r2.add_argument("--user-cap", type=int, default=512, help="tokens kept of each user message")
+    r2.add_argument("--reply-cap", type=int, default=512, help="tokens of each recorded reply (teacher-forced)")
     r2.add_argument("--rate", type=float, default=0.5, help="new sessions per second (Poisson)")
     r2.add_argument("--think", type=float, default=20.0, help="mean seconds between turns of a session")
     r2.add_argument("--model-prefill-tok-s", type=float, default=400.0,
