@@ -277,8 +277,9 @@ def bench_replay(args) -> tuple[list[dict], dict]:
         sessions.append(turns)
     # arrival order and queue contents from the discrete-event model, shared by every mode
     sim_turns = [[Turn(s, j, len(u), len(r)) for j, (u, r) in enumerate(t)] for s, t in enumerate(sessions)]
+    # one server; the recorded reply is teacher-forced, i.e. prefilled: model its time at the prefill speed
     cfg = SimConfig(sessions=len(sessions), rate=args.rate, think_s=args.think, slots=1,
-                    prefill_tok_s=args.model_prefill_tok_s, decode_tok_s=1e9, seed=args.seed)
+                    prefill_tok_s=args.model_prefill_tok_s, decode_tok_s=args.model_prefill_tok_s, seed=args.seed)
     ops = [op for op in build_trace(sim_turns, cfg) if op[0] in ("plan", "lookup")]
     modes = args.modes or list(MODES)
     results, per_turn = {}, {}
@@ -415,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     r2.add_argument("--max-turns", type=int, default=6)
     r2.add_argument("--user-cap", type=int, default=512, help="tokens kept of each user message")
     r2.add_argument("--reply-cap", type=int, default=512, help="tokens of each recorded reply (teacher-forced)")
-    r2.add_argument("--rate", type=float, default=0.5, help="new sessions per second (Poisson)")
-    r2.add_argument("--think", type=float, default=20.0, help="mean seconds between turns of a session")
+    r2.add_argument("--rate", type=float, default=2.0, help="new sessions per second (Poisson)")
+    r2.add_argument("--think", type=float, default=5.0, help="mean seconds between turns of a session")
     r2.add_argument("--model-prefill-tok-s", type=float, default=400.0,
                     help="service-time model used only to order the queue")
     r2.add_argument("--dram", default="60MB", help="DRAM tier of the attnstore modes")
