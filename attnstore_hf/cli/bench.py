@@ -434,6 +434,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.WARNING)
     extra = {"benchmark": args.cmd, "torch_threads": torch.get_num_threads()}
+    if getattr(args, "png", "absent") is None and args.json:  # replay and sim plot beside their JSON
+        args.png = os.path.splitext(args.json)[0] + ".png"
     if args.cmd in ("reuse", "remote"):
         server = None
         if args.cmd == "remote" and not args.redis_url:
@@ -451,8 +453,6 @@ def main(argv=None) -> int:
         rows = bench_growth(args)
         cols = ["prompt", "decode_steps", "dynamic_s", "chunked_s", "speedup", "dynamic_copied_mb"]
     elif args.cmd == "replay":
-        if args.json and not args.png:
-            args.png = os.path.splitext(args.json)[0] + ".png"
         rows, info = bench_replay(args)
         extra.update(info)
         cols = ["mode", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "prefill_tok_per_s", "compute_s", "hit_rate",
@@ -460,8 +460,6 @@ def main(argv=None) -> int:
         if "recompute" in info["modes"]:
             cols += ["ttft_vs_recompute", "prefill_speedup"]
     else:
-        if args.json and not args.png:
-            args.png = os.path.splitext(args.json)[0] + ".png"
         rows, info = bench_sim(args)
         extra.update(info)
         cols = ["codec", "policy", "dram_gb", "disk_gb", "hit_rate", "dram_hit_rate", "disk_hit_rate",
