@@ -171,8 +171,12 @@ class SlidingLayer(DynamicSlidingWindowLayer):
     def raw_state(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         if not self._raw_ok or (self.raw_keys is None and self.cumulative_length):
             raise NotPatchedError("pre-RoPE keys are missing for some tokens: was the model patched during the forward?")
-        n = min(self.keys.shape[-2], self.sliding_window - 1)
-        return self.raw_keys[:, :, -n:] if n else self.raw_keys[:, :, :0], self.values[:, :, self.values.shape[-2] - n :], self.cumulative_length - n
+        if self.keys is None or self.raw_keys is None:  # never updated: nothing held
+            empty = torch.empty(0)
+            return empty, empty, self.cumulative_length
+        n = min(self.keys.shape[-2], self.sliding_window - 1)  # what the next forward needs: the window
+        held = self.keys.shape[-2]
+        return self.raw_keys[:, :, held - n :], self.values[:, :, held - n :], self.cumulative_length - n
 
     def _apply_batch(self, fn) -> None:
         if self.raw_keys is not None:
