@@ -126,10 +126,7 @@ class AttentionStore:
                     rec, tier = SessionRecord.from_bytes(data, expect_namespace=self.namespace,
                                                          expect_session=session_id), "disk"
                 except RecordError as exc:
-                    log.warning("session %r: disk record rejected (%s); quarantined, recomputing",
-                                session_id, exc)
-                    self._count("rejected_records")
-                    self.disk.quarantine(key, str(exc))
+                    self._reject_disk(session_id, key, exc)
                     rec = None
         if rec is None and fingerprint is not None:
             rec, tier = self._get_redis(session_id, key, fingerprint), "redis"
@@ -147,6 +144,12 @@ class AttentionStore:
         self._count("loads")
         self._count("load_seconds", time.perf_counter() - t0)
         return rec, tier
+
+    def _reject_disk(self, session_id: str, key: str, exc: RecordError) -> None:
+        """A disk record failed validation: warn, count, move the file to quarantine (the turn recomputes)."""
+        log.warning("session %r: disk record rejected (%s); quarantined, recomputing", session_id, exc)
+        self._count("rejected_records")
+        self.disk.quarantine(key, str(exc))
 
     def _get_redis(self, session_id: str, key: str, fingerprint: str) -> SessionRecord | None:
         if self.redis is None:
@@ -361,10 +364,7 @@ class AttentionStore:
         if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
             self._write_disk_async(rec)
         if self.redis is not None and rec.fingerprint:
-            fut = self._pool.submit(self._write_redis, rec)
-            with self._lock:
-                self._pending.add(fut)
-            fut.add_done_callback(self._done)
+            self._submit(self._write_redis, rec)
         self._count("saves")
         log.debug("session %r: saved %d tokens (%d bytes)%s", rec.session_id, rec.num_tokens, rec.nbytes,
                   "" if kept else " straight to disk (larger than DRAM)")
@@ -389,7 +389,11 @@ class AttentionStore:
     def _write_disk_async(self, rec: SessionRecord) -> None:
         with self._lock:
             self._writing[rec.key] = rec
-        fut = self._pool.submit(self._write_disk, rec)
+        self._submit(self._write_disk, rec)
+
+    def _submit(self, fn, rec: SessionRecord) -> None:
+        """Run ``fn(rec)`` on a writer thread; :meth:`flush` waits for it."""
+        fut = self._pool.submit(fn, rec)
         with self._lock:
             self._pending.add(fut)
         fut.add_done_callback(self._done)
@@ -487,9 +491,7 @@ class AttentionStore:
             try:
                 rec = SessionRecord.from_bytes(data, expect_namespace=self.namespace, expect_session=session_id)
             except RecordError as exc:
-                log.warning("session %r: disk record rejected during prefetch (%s); quarantined", session_id, exc)
-                self._count("rejected_records")
-                self.disk.quarantine(key, str(exc))
+                self._reject_disk(session_id, key, exc)
                 return
             if not self.dram.fits(rec.nbytes, protect):
                 return  # would push out a session nearer the head of the queue
