@@ -68,6 +68,13 @@ def greedy(model, ids, cache=None, new=5):
                           return_dict_in_generate=True, **kwargs)
 
 
+def saved_turn(model, store, ids, session="s"):
+    """One turn through the store: restore, generate greedily, save. Returns (generate output, record)."""
+    cache = store.cache_for(model, session, ids)
+    out = greedy(model, ids, cache)
+    return out, store.save(session, cache, out.sequences)
+
+
 @pytest.fixture
 def store_factory(tmp_path):
     stores = []

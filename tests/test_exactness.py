@@ -10,7 +10,6 @@ import textwrap
 import pytest
 import torch
 
-from attnstore_hf import AttentionStore, StoreConfig
 from conftest import greedy, random_ids, tiny_model
 
 TOL = 1e-4

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import signal
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 from attnstore_hf import AttentionStore, RecordError, SessionRecord, StoreConfig
 from attnstore_hf.record import FORMAT_VERSION, _header_digest, session_key
 from attnstore_hf.sim import SimConfig, build_trace, load_turns, synthetic_record
-from conftest import greedy, random_ids, tiny_model
+from conftest import random_ids, saved_turn, tiny_model
 
 
 def same(a, b) -> bool:
@@ -41,10 +40,7 @@ class Boom:
 def test_pickle_dressed_as_record_is_never_unpickled(store_factory, tmp_path):
     model = tiny_model("llama")
     store = store_factory()
-    ids = random_ids(20, 0)
-    cache = store.cache_for(model, "s", ids)
-    out = greedy(model, ids, cache)
-    store.save("s", cache, out.sequences)
+    out, _ = saved_turn(model, store, random_ids(20, 0))
     store.close()
     canary = tmp_path / "unpickled"
     path = tmp_path / "kv" / f"{session_key('default', 's')}.safetensors"
@@ -77,10 +73,7 @@ def test_record_of_other_shape_is_a_miss(store_factory):
     """Same fingerprint forged onto a record whose tensors have another head_dim: refused before use."""
     model = tiny_model("llama")
     store = store_factory()
-    ids = random_ids(20, 0)
-    cache = store.cache_for(model, "s", ids)
-    out = greedy(model, ids, cache)
-    rec = store.save("s", cache, out.sequences)
+    out, rec = saved_turn(model, store, random_ids(20, 0))
     bad = synthetic_record("default", "s", rec.token_ids, 64)
     bad.layers = bad.layers * len(rec.layers)
     bad.fingerprint, bad.dtype = rec.fingerprint, rec.dtype

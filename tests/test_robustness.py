@@ -12,16 +12,13 @@ import torch
 
 from attnstore_hf import AttentionStore, RecordError, SessionRecord, StoreConfig
 from attnstore_hf.record import session_key
-from conftest import greedy, random_ids, tiny_model
+from conftest import greedy, random_ids, saved_turn, tiny_model
 
 TOL = 1e-4
 
 
 def first_turn(model, store, session="s", seed=0):
-    ids = random_ids(30, seed)
-    cache = store.cache_for(model, session, ids)
-    out = greedy(model, ids, cache)
-    store.save(session, cache, out.sequences)
+    out, _ = saved_turn(model, store, random_ids(30, seed), session)
     store.flush()
     return torch.cat([out.sequences, random_ids(9, seed + 1)], dim=1)
 
