@@ -14,7 +14,34 @@ from .rope import apply_rope
 MIN_GROWTH = 256
 
 
-class ChunkedLayer(DynamicLayer):
+class _WaitsForRestore:
+    """``keys``/``values`` of a layer still being restored in the background wait for it before anyone reads
+    them (``generate()`` itself waits layer by layer in :meth:`AttentionStoreCache.update`)."""
+
+    _waiter = None  # set while a LayerLoader owes this layer its K/V
+
+    @property
+    def keys(self):
+        if self._waiter is not None:
+            self._waiter()
+        return self.__dict__.get("_keys_")
+
+    @keys.setter
+    def keys(self, value):
+        self.__dict__["_keys_"] = value
+
+    @property
+    def values(self):
+        if self._waiter is not None:
+            self._waiter()
+        return self.__dict__.get("_values_")
+
+    @values.setter
+    def values(self, value):
+        self.__dict__["_values_"] = value
+
+
+class ChunkedLayer(_WaitsForRestore, DynamicLayer):
     """A full-attention layer whose keys, values and pre-RoPE keys live in buffers grown in chunks.
 
     ``DynamicLayer`` concatenates the whole history at every step (O(n^2) bytes copied over a reply); this layer
@@ -82,6 +109,20 @@ class ChunkedLayer(DynamicLayer):
         self._len = self._raw_len = n
         self._sync_views()
 
+    def prepare(self, n: int, like_keys, like_values, capacity: int) -> None:
+        """Size the buffers for ``n`` restored tokens (filled later by :meth:`fill`) and room up to ``capacity``."""
+        self.lazy_initialization(like_keys, like_values)
+        self._reserve(max(n, capacity))
+        self._len = self._raw_len = n
+        self._sync_views()
+
+    def fill(self, keys, values, raw_keys) -> None:
+        """Write the restored tokens into the buffers :meth:`prepare` sized."""
+        n = keys.shape[-2]
+        self._k[:, :, :n].copy_(keys, non_blocking=True)
+        self._v[:, :, :n].copy_(values, non_blocking=True)
+        self._rk[:, :, :n].copy_(raw_keys, non_blocking=True)
+
     def get_seq_length(self) -> int:
         return self._len
 
@@ -128,7 +169,7 @@ class ChunkedLayer(DynamicLayer):
             self._apply_batch(lambda t: t.to(self.device, non_blocking=True))
 
 
-class SlidingLayer(DynamicSlidingWindowLayer):
+class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
     """transformers' own sliding-window layer (same masks, same window), plus the pre-RoPE keys of its window."""
 
     def __init__(self, sliding_window: int, **kwargs):
@@ -156,6 +197,17 @@ class SlidingLayer(DynamicSlidingWindowLayer):
         self.keys, self.values, self.raw_keys = keys, values, raw_keys
         self.cumulative_length = cumulative_length
         self._raw_ok = True
+
+    def prepare(self, n: int, like_keys, like_values, cumulative_length: int) -> None:
+        b, h, _, d = like_keys.shape
+        self.restore(like_keys.new_empty((b, h, n, d)), like_values.new_empty((b, like_values.shape[1], n,
+                                                                              like_values.shape[-1])),
+                     like_keys.new_empty((b, h, n, d)), cumulative_length)
+
+    def fill(self, keys, values, raw_keys) -> None:
+        self.__dict__["_keys_"].copy_(keys, non_blocking=True)  # not self.keys: that would wait for this fill
+        self.__dict__["_values_"].copy_(values, non_blocking=True)
+        self.raw_keys.copy_(raw_keys, non_blocking=True)
 
     def crop(self, tokens_to_remove: int) -> None:
         end_before = self.cumulative_length
@@ -239,8 +291,91 @@ class AttentionStoreCache(Cache):
         self.user_ids: list[int] | None = None   # the ids cache_for was given (the user's coordinates)
         self.origin_ids: list[int] = []           # user-coordinate ids of a record restored from a truncated one
         self._expect_first: int | None = None     # new tokens the first forward must bring (guards truncation)
+        self._model = model
+        self._loader = None                       # a LayerLoader still restoring layers (layer-wise restore)
+        self._snapshot = None                     # a pending asynchronous save reading this cache
+        self.restore_plan: dict | None = None     # what cache_for chose for this turn: load / recompute / both
+
+    # ---- layer-wise restore -------------------------------------------------------------------------------------
+    def _wait_layer(self, layer_idx: int) -> None:
+        from .pipeline.loader import LoadError
+
+        loader = self._loader
+        if loader is None:
+            return
+        try:
+            loader.wait(layer_idx)
+        except LoadError as exc:
+            self._recover(exc)
+        if layer_idx < len(self.layers):
+            self.layers[layer_idx]._waiter = None
+        if self._loader is loader and all(loader._waited):
+            self._loader_done(loader)
+
+    def _loader_done(self, loader) -> None:
+        self._loader = None
+        for layer in self.layers:
+            layer._waiter = None
+        if loader.on_done is not None:
+            loader.on_done(loader)
+
+    def wait_loaded(self) -> None:
+        """Block until every restored layer is in place (``generate()`` never needs this: each layer waits for
+        itself). Called before anything reads or changes the whole cache."""
+        while self._loader is not None:
+            loader = self._loader
+            for i in range(len(self.layers)):
+                if self._loader is not loader:
+                    break
+                self._wait_layer(i)
+
+    def _wait_snapshot(self) -> None:
+        snap, self._snapshot = self._snapshot, None
+        if snap is not None:
+            snap.wait_copied()
+
+    @torch.no_grad()
+    def _recover(self, exc: Exception) -> None:
+        """A layer could not be restored after the forward started: recompute the restored prefix of every layer
+        still pending in a nested forward (exact), so the turn goes on with the right answer."""
+        import logging
+
+        loader, self._loader = self._loader, None
+        loader.cancel()
+        for layer in self.layers:
+            layer._waiter = None
+        logging.getLogger(__name__).warning(
+            "session %r: restoring the stored KV failed mid-forward (%s); recomputing the %d restored tokens",
+            self.session_id, exc, self.reused_tokens)
+        if loader.stream is not None:
+            torch.cuda.current_stream(loader.device).wait_stream(loader.stream)
+        model = self._model
+        adapter = self._patch.adapter
+        ids = self.input_ids[:, : self.reused_tokens]
+        tmp = AttentionStoreCache(model)
+        stash = self._patch.stash
+        saved = dict(stash)
+        stash.clear()
+        try:
+            adapter.decoder(model)(input_ids=ids, past_key_values=tmp, use_cache=True)
+        finally:
+            stash.clear()
+            stash.update(saved)
+        for i, (work, fresh) in enumerate(zip(self.layers, tmp.layers)):
+            if loader._waited[i]:
+                continue  # already restored and used by this forward
+            if isinstance(work, SlidingLayer):
+                work.restore(fresh.keys, fresh.values, fresh.raw_keys, fresh.cumulative_length)
+            else:
+                work.fill(fresh.keys, fresh.values, fresh._rk[:, :, : fresh._len])
+        if loader.on_failure is not None:
+            loader.on_failure(exc)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self._snapshot is not None:
+            self._wait_snapshot()
+        if self._loader is not None:
+            self._wait_layer(layer_idx)
         if self._expect_first is not None:
             expected, self._expect_first = self._expect_first, None
             if key_states.shape[-2] != expected:
@@ -259,7 +394,33 @@ class AttentionStoreCache(Cache):
 
     def raw_layers(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """Per layer: (pre-RoPE keys, values, absolute position of the first token held)."""
+        self.wait_loaded()
         return [layer.raw_state() for layer in self.layers]
+
+    def _settled(self) -> None:
+        """Wait for a layer-wise restore and an asynchronous save before the whole cache is changed."""
+        self.wait_loaded()
+        self._wait_snapshot()
+
+    def crop(self, *args, **kwargs):
+        self._settled()
+        return super().crop(*args, **kwargs)
+
+    def reset(self, *args, **kwargs):
+        self._settled()
+        return super().reset(*args, **kwargs)
+
+    def reorder_cache(self, *args, **kwargs):
+        self._settled()
+        return super().reorder_cache(*args, **kwargs)
+
+    def batch_repeat_interleave(self, *args, **kwargs):
+        self._settled()
+        return super().batch_repeat_interleave(*args, **kwargs)
+
+    def batch_select_indices(self, *args, **kwargs):
+        self._settled()
+        return super().batch_select_indices(*args, **kwargs)
 
     @property
     def layer_kinds(self) -> list[str]:
@@ -308,25 +469,28 @@ def window_indices(record, cache: AttentionStoreCache, keep: torch.Tensor) -> li
     return out
 
 
-@torch.no_grad()
-def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
-            total_len: int) -> bool:
-    """Fill ``cache`` with the record tokens ``keep`` (indices, ascending), their keys rotated for ``positions``.
+def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters())
+    return param.device, param.dtype
 
-    Without truncation ``keep == positions == arange(reuse)``. With positional-encoding-decoupled truncation,
-    ``keep`` skips the dropped tokens and ``positions`` re-embeds the kept ones contiguously. Returns ``False``
-    (cache untouched) if a sliding layer does not hold what it needs.
+
+def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
+                 total_len: int, *, into_cache: bool = True, out: list | None = None):
+    """One job per layer that restores the record tokens ``keep`` (indices, ascending), keys rotated for
+    ``positions``. ``into_cache``: the cache layers are sized now (on the calling thread) and each job fills its
+    layer; otherwise each job appends ``(keys, values, raw_keys)`` to ``out[i]``. ``None`` if a sliding layer
+    lacks the window the kept tokens need.
     """
     per_layer = window_indices(record, cache, keep)
     if per_layer is None:
-        return False
+        return None
     adapter = cache._patch.adapter
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device, dtype = _device_dtype(model)
     span = max(total_len, int(positions.max()) + 1 if positions.numel() else 0)
     contiguous = bool(keep.numel()) and int(keep[-1]) - int(keep[0]) + 1 == keep.numel()
     tables: dict = {}
-    for i, (lay, work, local) in enumerate(zip(record.layers, cache.layers, per_layer)):
+
+    def job(i, lay, work, local):
         if contiguous:  # slicing keeps the common case copy-free until the device transfer
             a = int(local[0]) if local.numel() else 0
             sel = slice(a, a + local.numel())
@@ -341,9 +505,47 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
         cos, sin = tables[ltype]
         pos = positions[positions.numel() - local.numel():].to(cos.device)
         keys = apply_rope(raw, cos[:, pos], sin[:, pos])
-        if isinstance(work, SlidingLayer):
-            work.restore(keys, values, raw, cumulative_length=keep.numel())
+        if into_cache:
+            work.fill(keys, values, raw)
         else:
-            work.restore(keys, values, raw)
-    cache.reused_tokens = keep.numel()
+            out[i] = (keys, values, raw)
+
+    jobs = []
+    for i, (lay, work, local) in enumerate(zip(record.layers, cache.layers, per_layer)):
+        if into_cache:
+            heads, dim = lay.keys.shape[1], lay.keys.shape[3]
+            like_k = torch.empty((1, heads, 0, dim), dtype=dtype, device=device)
+            like_v = torch.empty((1, lay.values.shape[1], 0, lay.values.shape[3]), dtype=dtype, device=device)
+            if isinstance(work, SlidingLayer):
+                work.prepare(local.numel(), like_k, like_v, cumulative_length=keep.numel())
+            else:
+                work.prepare(local.numel(), like_k, like_v, capacity=total_len)
+        jobs.append(lambda i=i, lay=lay, work=work, local=local: job(i, lay, work, local))
+    if into_cache:
+        cache.reused_tokens = keep.numel()
+    return jobs
+
+
+@torch.no_grad()
+def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
+            total_len: int, *, layerwise: bool = False) -> bool:
+    """Fill ``cache`` with the record tokens ``keep`` (indices, ascending), their keys rotated for ``positions``.
+
+    Without truncation ``keep == positions == arange(reuse)``. With positional-encoding-decoupled truncation,
+    ``keep`` skips the dropped tokens and ``positions`` re-embeds the kept ones contiguously. ``layerwise``: the
+    layers are filled in the background, layer *i* before layer *i* computes (see :class:`LayerLoader`).
+    Returns ``False`` (cache untouched) if a sliding layer does not hold what it needs.
+    """
+    jobs = restore_jobs(cache, model, record, keep, positions, total_len)
+    if jobs is None:
+        return False
+    if layerwise:
+        from .pipeline.loader import LayerLoader
+
+        for i, layer in enumerate(cache.layers):
+            layer._waiter = lambda i=i: cache._wait_layer(i)
+        cache._loader = LayerLoader(jobs, _device_dtype(model)[0], keepalive=record).start()
+    else:
+        for job in jobs:
+            job()
     return True

@@ -107,6 +107,10 @@ class StoreConfig:
     redis_timeout_s: float = 1.0
     codec: str = "none"
     disk_codec: str | None = None
+    layerwise: bool = True
+    restore_mode: str = "auto"
+    async_save: bool = True
+    save_queue: int = 4
 
     def __post_init__(self) -> None:
         self.dram_bytes = parse_size(self.dram_bytes, "dram_bytes")
@@ -142,5 +146,9 @@ class StoreConfig:
             raise ConfigError("keep_prefix and reserve_tokens must be >= 0")
         if self.max_context is not None and self.max_context < 2:
             raise ConfigError(f"max_context must be >= 2, got {self.max_context!r}")
+        if self.restore_mode not in ("auto", "load", "recompute", "both"):
+            raise ConfigError(f"restore_mode must be 'auto', 'load', 'recompute' or 'both', got {self.restore_mode!r}")
+        if self.save_queue < 1:
+            raise ConfigError(f"save_queue must be >= 1, got {self.save_queue}")
         if self.save_workers < 1:
             raise ConfigError(f"save_workers must be >= 1, got {self.save_workers}")

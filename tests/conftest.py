@@ -72,7 +72,7 @@ def saved_turn(model, store, ids, session="s"):
     """One turn through the store: restore, generate greedily, save. Returns (generate output, record)."""
     cache = store.cache_for(model, session, ids)
     out = greedy(model, ids, cache)
-    return out, store.save(session, cache, out.sequences)
+    return out, store.save(session, cache, out.sequences).result()
 
 
 @pytest.fixture

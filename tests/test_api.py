@@ -126,7 +126,7 @@ def test_save_rejects_wrong_sequences(store_factory):
     out = greedy(model, ids, cache)
     with pytest.raises(ValueError, match="cache holds"):
         store.save("s", cache, out.sequences[:, :5])
-    rec = store.save("s", cache, out.sequences)
+    rec = store.save("s", cache, out.sequences).result()
     assert rec.num_tokens == out.sequences.shape[1] - 1
     ids2 = torch.cat([out.sequences, random_ids(5, 2)], 1)
     cache2 = store.cache_for(model, "s", ids2)

@@ -101,7 +101,7 @@ def test_disk_codec_differs_from_dram(store_factory):
     ids = random_ids(30, 0)
     cache = store.cache_for(model, "s", ids)
     out = greedy(model, ids, cache)
-    rec = store.save("s", cache, out.sequences)
+    rec = store.save("s", cache, out.sequences).result()
     store.flush()
     assert rec.codec == "none"
     on_disk = store.disk.get(rec.key)

@@ -97,7 +97,7 @@ def turn(model, tok, store, session: str, history: list[int], user: str, max_new
     with torch.no_grad():
         out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
                              stop_strings=["\n"], tokenizer=tok, streamer=stream)
-    rec = store.save(session, cache, out)
+    rec = store.save(session, cache, out).result()
     reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     per_token = rec.nbytes / max(rec.num_tokens, 1)
     info = {"ttft_s": (stream.first or time.perf_counter()) - stream.start, "prompt_tokens": ids.shape[1],

@@ -14,6 +14,7 @@ from ..cache import AttentionStoreCache, SlidingLayer, restore, reusable_length
 from ..config import StoreConfig
 from ..errors import AttnStoreError, RecordError
 from ..codec import encode
+from ..pipeline.saver import Snapshot
 from ..record import LayerKV, SessionRecord, dtype_name, session_key, transcode
 from .disk import DiskTier
 from .dram import DramTier
@@ -84,7 +85,10 @@ class AttentionStore:
             if not self.redis.available():
                 log.warning("Redis at %s is not reachable; the shared tier is skipped until it is back",
                             self.config.redis_url)
-        self._pool = ThreadPoolExecutor(self.config.save_workers, thread_name_prefix="attnstore-save")
+        self._pool = ThreadPoolExecutor(self.config.save_workers, thread_name_prefix="attnstore-write")
+        self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="attnstore-save")  # one: saves commit in order
+        self._save_slots = threading.BoundedSemaphore(self.config.save_queue)
+        self._saving: dict[str, Future] = {}
         self._prefetch_pool = ThreadPoolExecutor(self.config.prefetch_workers, thread_name_prefix="attnstore-prefetch")
         self._pending: set[Future] = set()
         self._writing: dict[str, SessionRecord] = {}  # records on their way to disk: still served
@@ -113,6 +117,7 @@ class AttentionStore:
         """
         session_id = _check_session_id(session_id)
         key = self._key(session_id)
+        self._wait_save(key)
         t0 = time.perf_counter()
         rec, tier = self.dram.get(key), "dram"
         if rec is None:
@@ -247,7 +252,7 @@ class AttentionStore:
             ids, keep, dropped = self._truncate(ids, reuse, limit)
             cache.truncated = dropped
         positions = torch.arange(keep.numel()) if self.config.truncation != "nkvt" else keep
-        if keep.numel() and not restore(cache, model, rec, keep, positions, len(ids)):
+        if keep.numel() and not restore(cache, model, rec, keep, positions, len(ids), layerwise=self.config.layerwise):
             log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", session_id)
             keep = keep[:0]
         reuse = keep.numel()
@@ -304,7 +309,12 @@ class AttentionStore:
 
     # ---- save ---------------------------------------------------------------------------------------------
     def record_from_cache(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
-        """Snapshot ``cache`` (host copies of its pre-RoPE K/V) as a record of ``sequences``' tokens."""
+        """Snapshot ``cache`` (host copies of its pre-RoPE K/V) as a record of ``sequences``' tokens (blocking)."""
+        head = self._record_head(session_id, cache, sequences)
+        return self._build_record(head, Snapshot(cache, self.config.codec))
+
+    def _record_head(self, session_id: str, cache: AttentionStoreCache, sequences) -> dict:
+        """Everything of a record but its tensors; raises ValueError for a ``sequences`` that does not fit."""
         seq = _as_ids(sequences)[0].tolist()
         n = cache.get_seq_length()
         if n > len(seq):
@@ -312,17 +322,10 @@ class AttentionStore:
         if cache.prefix_ids and seq[: len(cache.prefix_ids)] != cache.prefix_ids:
             raise ValueError("sequences does not start with the tokens this cache restored: pass generate()'s output "
                              "for the same conversation")
-        layers = []
-        raws = cache.raw_layers()
-        for (raw, values, start), work in zip(raws, cache.layers):
-            if raw.shape[0] != 1:
-                raise ValueError(f"only batch size 1 can be saved as a session (cache batch is {raw.shape[0]})")
-            kind = "sliding" if isinstance(work, SlidingLayer) else "full"
-            parts = encode(raw.detach(), values.detach(), self.config.codec)  # on the compute device
-            parts = {k: t.to("cpu", copy=True) for k, t in parts.items()}
-            layers.append(LayerKV(kind, start, parts["k"], parts["v"], parts.get("ks"), parts.get("vs")))
-        dtype = dtype_name(raws[0][0].dtype) if raws else "float32"
-        fingerprint = cache._patch._fingerprint or ""
+        for layer in cache.layers:
+            if layer.is_initialized and layer.keys is not None and layer.keys.shape[0] != 1:
+                raise ValueError(f"only batch size 1 can be saved as a session (cache batch is "
+                                 f"{layer.keys.shape[0]})")
         # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete
         meta = {"tail_ids": seq[n:]}
         if cache.user_ids is not None and cache.input_ids is not None:
@@ -330,24 +333,80 @@ class AttentionStore:
             if offset > 0:  # truncated: remember the user's coordinates of what the record holds
                 origin = cache.user_ids + seq[cache.input_ids.shape[1]:]
                 meta["origin_ids"] = origin[: n + offset]
-        return SessionRecord(self.namespace, session_id, fingerprint, dtype, seq[:n], layers, meta=meta,
-                             codec=self.config.codec)
+        return {"session_id": session_id, "token_ids": seq[:n], "meta": meta, "kinds": cache.layer_kinds,
+                "fingerprint": cache._patch._fingerprint or ""}
 
-    def save(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
+    def _build_record(self, head: dict, snap: Snapshot) -> SessionRecord:
+        layers = [LayerKV(kind, start, p["k"], p["v"], p.get("ks"), p.get("vs"))
+                  for kind, start, p in zip(head["kinds"], snap.starts, snap.host_parts())]
+        dtype = dtype_name(snap.dtype) if snap.dtype is not None else "float32"
+        return SessionRecord(self.namespace, head["session_id"], head["fingerprint"], dtype, head["token_ids"],
+                             layers, meta=head["meta"], codec=self.config.codec)
+
+    def save(self, session_id: str, cache: AttentionStoreCache, sequences) -> Future:
         """Store the conversation held by ``cache``. ``sequences`` is generate()'s output (prompt + reply).
 
-        The last generated token has no KV yet (the next turn prefills it). The record goes to DRAM now and
-        to disk in the background (write-through) or when evicted / at :meth:`close` (write-back).
+        Returns at once (``async_save``): the K/V are copied off the device without blocking compute (a write
+        stream on CUDA) and the record is built and committed by a background thread. The returned future's
+        ``result()`` is the committed :class:`SessionRecord`. The next ``cache_for`` of the same session waits for
+        it; :meth:`flush` waits for every save. The last generated token has no KV yet (the next turn prefills
+        it). The record goes to DRAM, and to disk in the background (write-through) or when evicted / at
+        :meth:`close` (write-back).
         """
         self._check_open()
         session_id = _check_session_id(session_id)
         if not isinstance(cache, AttentionStoreCache):
             raise TypeError(f"save() needs an AttentionStoreCache (from store.cache_for), got {type(cache).__name__}")
         t0 = time.perf_counter()
-        rec = self.record_from_cache(session_id, cache, sequences)
-        self.put_record(rec)
+        head = self._record_head(session_id, cache, sequences)
+        key = self._key(session_id)
+        if not self.config.async_save:
+            fut: Future = Future()
+            rec = self._build_record(head, Snapshot(cache, self.config.codec))
+            self.put_record(rec)
+            fut.set_result(rec)
+            self._count("save_seconds", time.perf_counter() - t0)
+            return fut
+        self._save_slots.acquire()  # back-pressure: at most save_queue saves in flight
+        try:
+            snap = Snapshot(cache, self.config.codec)
+            fut = self._save_pool.submit(self._commit_save, head, snap)
+        except BaseException:
+            self._save_slots.release()
+            raise
+        with self._lock:
+            self._pending.add(fut)
+            self._saving[key] = fut
+        fut.add_done_callback(lambda f, key=key: self._save_done(key, f))
         self._count("save_seconds", time.perf_counter() - t0)
-        return rec
+        return fut
+
+    def _commit_save(self, head: dict, snap: Snapshot) -> SessionRecord:
+        try:
+            rec = self._build_record(head, snap)
+            self.put_record(rec)
+            return rec
+        except Exception as exc:
+            log.warning("session %r: saving failed (%s: %s); the next turn recomputes", head["session_id"],
+                        type(exc).__name__, exc)
+            raise
+
+    def _save_done(self, key: str, fut: Future) -> None:
+        self._save_slots.release()
+        with self._lock:
+            self._pending.discard(fut)
+            if self._saving.get(key) is fut:
+                del self._saving[key]
+
+    def _wait_save(self, key: str) -> None:
+        """Read your writes: a lookup of a session waits for that session's save in flight."""
+        with self._lock:
+            fut = self._saving.get(key)
+        if fut is not None:
+            try:
+                fut.result()
+            except Exception:
+                pass  # reported by the save itself; the lookup sees what the tiers hold
 
     def put_record(self, rec: SessionRecord) -> None:
         """Commit a record: DRAM first (evicting by policy), disk by the write policy."""
@@ -511,6 +570,7 @@ class AttentionStore:
         Verifies the record but neither promotes it nor counts a lookup (the turn's ``cache_for`` does).
         """
         key = self._key(_check_session_id(session_id))
+        self._wait_save(key)
         rec = self.dram.peek(key)
         if rec is None:
             with self._lock:
@@ -580,6 +640,7 @@ class AttentionStore:
             return
         self._prefetch_pool.shutdown(wait=True)
         self.flush()
+        self._save_pool.shutdown(wait=True)
         if self.disk is not None:
             for key in self.dram.keys():
                 rec = self.dram.peek(key)

@@ -14,12 +14,11 @@ def pin_record(record: SessionRecord) -> SessionRecord:
     """Move a record's tensors to page-locked host memory (fast, asynchronous host-to-device copies)."""
     if not torch.cuda.is_available():
         return record
-    layers = []
-    for lay in record.layers:
-        k = lay.keys if lay.keys.is_pinned() else lay.keys.pin_memory()
-        v = lay.values if lay.values.is_pinned() else lay.values.pin_memory()
-        layers.append(LayerKV(lay.kind, lay.start, k, v))
-    record.layers = layers
+    def pin(t):
+        return t if t is None or t.is_pinned() else t.pin_memory()
+
+    record.layers = [LayerKV(lay.kind, lay.start, pin(lay.keys), pin(lay.values), pin(lay.k_scale), pin(lay.v_scale))
+                     for lay in record.layers]
     return record
 
 

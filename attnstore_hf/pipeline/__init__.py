@@ -1,0 +1,1 @@
+"""The layer-wise pipeline: restore layer i+1 while layer i computes; save without blocking compute."""

@@ -1,0 +1,128 @@
+"""LayerLoader: restores a record into a cache layer by layer, ahead of compute (a thread on CPU, a side stream on CUDA)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class LoadError(RuntimeError):
+    """Restoring a layer failed (a corrupt tensor, an allocation failure): the cache recomputes instead."""
+
+
+class LayerLoader:
+    """Runs one job per layer, in layer order, ahead of the forward pass; :meth:`wait` blocks layer ``i``'s compute
+    until job ``i`` is done (the verbs of vLLM's KV connector: ``start`` / ``wait(layer)``).
+
+    * CPU: a background thread runs the jobs; ``wait(i)`` waits for a per-layer ``threading.Event``.
+    * CUDA: the jobs are enqueued at once on a side stream, one CUDA event recorded after each; ``wait(i)`` makes
+      the *current* stream wait for event ``i`` (no host synchronisation). Jobs that must first read from the
+      host (``host_jobs``) run in the thread and enqueue their device work on the side stream from there.
+
+    Tensors the jobs read stay referenced by the loader (``keepalive``) until :meth:`close`, so nothing is freed
+    or reused while a copy is in flight.
+    """
+
+    def __init__(self, jobs: list[Callable[[], None]], device: torch.device, keepalive=None,
+                 threaded: bool | None = None):
+        self.jobs = jobs
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.threaded = (not self.cuda) if threaded is None else threaded
+        self.keepalive = keepalive
+        self.n = len(jobs)
+        self._done = [threading.Event() for _ in jobs]
+        self._errors: list[BaseException | None] = [None] * self.n
+        self._events: list = [None] * self.n
+        self._waited = [False] * self.n
+        self._cancel = False
+        self._thread: threading.Thread | None = None
+        self.stream = None
+        self.t_start = self.t_end = None  # host wall clock of the loading (CPU); CUDA: see cuda_start/cuda_end
+        self.cuda_start = self.cuda_end = None
+        self.on_done: Callable[["LayerLoader"], None] | None = None     # called once every layer was waited for
+        self.on_failure: Callable[[BaseException], None] | None = None  # called after a recovery
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def start(self) -> "LayerLoader":
+        self.t_start = time.perf_counter()
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device=self.device)
+            # the cache buffers were allocated on the current stream: the side stream writes them only after that
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            self.cuda_start = torch.cuda.Event(enable_timing=True)
+            self.cuda_start.record(self.stream)
+        if self.threaded:
+            self._thread = threading.Thread(target=self._run_all, name="attnstore-loader", daemon=True)
+            self._thread.start()
+        else:
+            self._run_all()
+        return self
+
+    @torch.no_grad()
+    def _run_all(self) -> None:
+        for i, job in enumerate(self.jobs):
+            if self._cancel:
+                self._errors[i] = LoadError("cancelled")
+                self._done[i].set()
+                continue
+            try:
+                if self.cuda:
+                    with torch.cuda.stream(self.stream):
+                        job()
+                        ev = torch.cuda.Event()
+                        ev.record(self.stream)
+                        self._events[i] = ev
+                else:
+                    job()
+            except BaseException as exc:  # reported to the layer that needs it, never lost
+                self._errors[i] = exc
+                self._cancel = True
+            self._done[i].set()
+        if self.cuda:
+            self.cuda_end = torch.cuda.Event(enable_timing=True)
+            self.cuda_end.record(self.stream)
+        self.t_end = time.perf_counter()
+
+    # ---- waiting ---------------------------------------------------------------------------------------------
+    def wait(self, i: int) -> None:
+        """Block layer ``i``'s compute until its K/V are in place. Raises :class:`LoadError` if they never will be."""
+        if i >= self.n or self._waited[i]:
+            return
+        self._done[i].wait()
+        err = self._errors[i]
+        if err is not None:
+            raise LoadError(f"layer {i}: {type(err).__name__}: {err}") from err
+        if self.cuda and self._events[i] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._events[i])
+        self._waited[i] = True
+
+    def wait_all(self) -> None:
+        for i in range(self.n):
+            self.wait(i)
+
+    @property
+    def finished(self) -> bool:
+        return all(d.is_set() for d in self._done)
+
+    def cancel(self) -> None:
+        """Stop after the job in progress (its results are discarded by the caller)."""
+        self._cancel = True
+        if self._thread is not None:
+            self._thread.join()
+
+    def seconds(self) -> float | None:
+        """How long the loading took, once finished and without waiting (``None`` until then)."""
+        if not self.finished:
+            return None
+        if self.cuda and self.cuda_end is not None:
+            if not self.cuda_end.query():
+                return None
+            return self.cuda_start.elapsed_time(self.cuda_end) / 1e3
+        return None if self.t_end is None else self.t_end - self.t_start
