@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 
 import torch
 from torch import nn
@@ -36,6 +37,64 @@ class ModelPatch:
             self.handles.append(hook)
             self.kv_shapes.append((attn.k_proj.out_features // head_dim, head_dim))
         self.num_layers = len(layers)
+        decoder = adapter.decoder(model)
+        self.handles.append(decoder.register_forward_pre_hook(self._forward_start, with_kwargs=True))
+        self.handles.append(decoder.register_forward_hook(self._forward_end, with_kwargs=True))
+        self.on_prefill = None  # callable(tokens, seconds) fed with every timed prefill forward
+        self._timing = threading.local()
+        self._cuda_timings: list = []  # (tokens, start event, end event) not read yet
+
+    # ---- prefill timing (feeds the store's cost model) ----------------------------------------------------------
+    #: forwards with fewer new tokens than this (decode steps) are not timed
+    MIN_TIMED_TOKENS = 16
+
+    @staticmethod
+    def _tokens(args, kwargs) -> int:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
+
+    def _forward_start(self, module, args, kwargs):
+        n = self._tokens(args, kwargs)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if n < self.MIN_TIMED_TOKENS or self.on_prefill is None or getattr(cache, "_loader", None) is not None:
+            # decode steps, and forwards that may wait for a restore, say nothing about the prefill speed
+            self._timing.start = None
+            return
+        if torch.cuda.is_available() and next(module.parameters()).is_cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._timing.start = (n, ev)
+        else:
+            self._timing.start = (n, time.perf_counter())
+
+    def _forward_end(self, module, args, kwargs, output):
+        start = getattr(self._timing, "start", None)
+        self._timing.start = None
+        if start is None or self.on_prefill is None:
+            return
+        n, t0 = start
+        if isinstance(t0, float):
+            self.on_prefill(n, time.perf_counter() - t0)
+        else:  # CUDA: read the events later, never synchronising here
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._cuda_timings.append((n, t0, ev))
+        self.read_timings()
+
+    def read_timings(self) -> None:
+        """Report the CUDA prefill timings whose events have completed (no waiting)."""
+        keep = []
+        for n, a, b in self._cuda_timings:
+            if b.query():
+                if self.on_prefill is not None:
+                    self.on_prefill(n, a.elapsed_time(b) / 1e3)
+            else:
+                keep.append((n, a, b))
+        self._cuda_timings = keep[-16:]
 
     def _make_hook(self, layer_idx: int, head_dim: int):
         adapter = self.adapter

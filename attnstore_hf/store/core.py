@@ -14,6 +14,7 @@ from ..cache import AttentionStoreCache, SlidingLayer, restore, reusable_length
 from ..config import StoreConfig
 from ..errors import AttnStoreError, RecordError
 from ..codec import encode
+from ..pipeline.cost import CostModel
 from ..pipeline.saver import Snapshot
 from ..record import LayerKV, SessionRecord, dtype_name, session_key, transcode
 from .disk import DiskTier
@@ -27,7 +28,8 @@ _COUNTERS = (
     "bytes_read_redis", "bytes_written_redis", "partial_hits", "rejected_records", "expired",
     "reused_tokens", "prefilled_tokens", "saves", "prefetches", "prefetch_hits", "evictions_dram",
     "evictions_disk", "disk_writes", "disk_write_errors", "bytes_written_disk", "bytes_read_disk",
-    "bytes_written_dram", "loads", "load_seconds", "restore_seconds", "save_seconds",
+    "bytes_written_dram", "loads", "load_seconds", "restore_seconds", "save_seconds", "restore_load",
+    "restore_recompute", "restore_both",
 )
 
 
@@ -99,6 +101,7 @@ class AttentionStore:
         self._sizes = [0, 0]  # sum and count of saved record sizes (mean record size for the windows)
         self._lock = threading.Lock()
         self._stats = {k: 0 for k in _COUNTERS}
+        self.cost = CostModel()
         self._closed = False
 
     # ---- lookup / restore -------------------------------------------------------------------------------
@@ -210,6 +213,9 @@ class AttentionStore:
         cache = AttentionStoreCache(model, session_id=session_id)
         fingerprint = cache._patch.fingerprint(model)
         self._count("lookups")
+        cache._patch.on_prefill = self.cost.observe_prefill
+        self._wait_save(self._key(session_id))
+        t_read = time.perf_counter()
         rec, tier = self.get_record(session_id, fingerprint)
         if rec is not None and tier != "redis" and self.redis is not None \
                 and rec.num_tokens < user_ids.shape[1] - 1 and rec.fingerprint == fingerprint:
@@ -252,9 +258,8 @@ class AttentionStore:
             ids, keep, dropped = self._truncate(ids, reuse, limit)
             cache.truncated = dropped
         positions = torch.arange(keep.numel()) if self.config.truncation != "nkvt" else keep
-        if keep.numel() and not restore(cache, model, rec, keep, positions, len(ids), layerwise=self.config.layerwise):
-            log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", session_id)
-            keep = keep[:0]
+        if keep.numel():
+            keep = self._restore(cache, model, rec, tier, keep, positions, len(ids), time.perf_counter() - t_read)
         reuse = keep.numel()
         cache.input_ids = torch.tensor([ids], dtype=torch.long, device=user_ids.device)
         cache.user_ids = user_ids[0].tolist()
@@ -277,6 +282,37 @@ class AttentionStore:
                   f" ({dropped} dropped by truncation)" if dropped else "", reuse, tier or "-", len(ids) - reuse,
                   cache.load_seconds * 1e3)
         return cache
+
+    def _restore(self, cache, model, rec, tier, keep, positions, total_len, read_s) -> torch.Tensor:
+        """Restore ``keep`` as the cost model picks (load / recompute / both); returns what was restored."""
+        from ..pipeline.split import restore_both
+
+        n = keep.numel()
+        nbytes = int(rec.nbytes * n / max(rec.num_tokens, 1))
+        device = next(model.parameters()).device
+        plain = bool(torch.equal(keep, torch.arange(n)) and torch.equal(positions, keep))
+        cache._patch.read_timings()
+        plan = self.cost.choose(tier, nbytes, n, self.config.restore_mode, accelerator=device.type != "cpu",
+                                can_split=plain)
+        cache.restore_plan = plan
+        self._count(f"restore_{plan['choice']}")
+        t0 = time.perf_counter()
+        if plan["choice"] == "recompute":
+            log.debug("session %r: recomputing %d tokens rather than loading them (%s)", cache.session_id, n, plan)
+            return keep[:0]
+        if plan["choice"] == "both":
+            ok = restore_both(cache, model, rec, n, plan["split"], total_len)
+        else:
+            ok = restore(cache, model, rec, keep, positions, total_len, layerwise=self.config.layerwise)
+        if not ok:
+            log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", cache.session_id)
+            return keep[:0]
+        loader = cache._loader
+        if loader is not None:
+            loader.on_done = lambda ld: self.cost.observe_loader(tier, nbytes, read_s, ld)
+        elif plan["choice"] == "load":
+            self.cost.observe_load(tier, nbytes, read_s + time.perf_counter() - t0)
+        return keep
 
     def _context_limit(self, model) -> int:
         if self.config.max_context is not None:

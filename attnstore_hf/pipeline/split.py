@@ -1,0 +1,51 @@
+"""restore_both: recompute the first tokens of a stored prefix while the rest loads, then join the two."""
+
+from __future__ import annotations
+
+import torch
+
+from .loader import LayerLoader
+
+
+@torch.no_grad()
+def restore_both(cache, model, record, reuse: int, split: int, total_len: int) -> bool:
+    """Fill ``cache`` with the first ``reuse`` tokens of ``record``: tokens ``[0, split)`` are recomputed by the
+    model (a forward of the decoder on the current stream) while tokens ``[split, reuse)`` are loaded in the
+    background (thread / side stream); both finish, then each layer is the concatenation. Exact: the computed
+    keys are the model's own, the loaded ones are re-rotated for their positions. Returns ``False`` if a sliding
+    layer lacks the window of the loaded part (then nothing is changed)."""
+    from ..cache import AttentionStoreCache, SlidingLayer, _device_dtype, restore_jobs
+
+    device = _device_dtype(model)[0]
+    keep = torch.arange(split, reuse)
+    staged: list = [None] * len(cache.layers)
+    jobs = restore_jobs(cache, model, record, keep, keep, total_len, into_cache=False, out=staged)
+    if jobs is None:
+        return False
+    loader = LayerLoader(jobs, device, keepalive=record).start()
+    head = AttentionStoreCache(model)
+    ids = torch.tensor([record.token_ids[:split]], dtype=torch.long, device=device)
+    stash = cache._patch.stash
+    saved = dict(stash)
+    stash.clear()
+    try:
+        cache._patch.adapter.decoder(model)(input_ids=ids, past_key_values=head, use_cache=True)
+    finally:
+        stash.clear()
+        stash.update(saved)
+        loader.wait_all()  # the current stream now waits for the loads too
+    for work, part, (k, v, raw) in zip(cache.layers, head.layers, staged):
+        if isinstance(work, SlidingLayer):
+            n = min(reuse, work.sliding_window - 1)
+            keys = torch.cat([part.keys, k], dim=-2)[:, :, -n:]
+            values = torch.cat([part.values, v], dim=-2)[:, :, -n:]
+            raws = torch.cat([part.raw_keys, raw], dim=-2)[:, :, -n:]
+            work.restore(keys, values, raws, cumulative_length=reuse)
+        else:
+            hk, hv, hr, _ = part._k, part._v, part._rk, part._len
+            n = part._len
+            work.prepare(reuse, k[:, :, :0], v[:, :, :0], capacity=total_len)
+            work.fill(torch.cat([hk[:, :, :n], k], -2), torch.cat([hv[:, :, :n], v], -2),
+                      torch.cat([hr[:, :, :n], raw], -2))
+    cache.reused_tokens = reuse
+    return True
