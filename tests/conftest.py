@@ -64,8 +64,9 @@ def random_ids(n: int, seed: int) -> torch.Tensor:
 
 def greedy(model, ids, cache=None, new=5):
     kwargs = {} if cache is None else {"past_key_values": cache}
-    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, **kwargs)
+    # no padding here: a generated pad id (0) must not be masked out of the prompt of the next turn
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
 def saved_turn(model, store, ids, session="s"):

@@ -1,0 +1,287 @@
+"""Layer-wise restore, asynchronous save and the load / recompute / both choice: exact, ordered, never lost."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import attnstore_hf.cache as cache_mod
+from attnstore_hf.pipeline.cost import CostModel
+from conftest import FAMILIES, greedy, random_ids, saved_turn, tiny_model
+
+TOL = 1e-4
+
+
+def compare(model, cache, ids):
+    ours = greedy(model, cache.input_ids, cache)
+    ref = greedy(model, ids)
+    assert torch.equal(ours.sequences, ref.sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits))
+    assert diff <= TOL, diff
+    return ours
+
+
+@pytest.mark.parametrize("mode", ["load", "both", "recompute"])
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_every_restore_choice_matches_recompute(family, store_factory, mode, layerwise):
+    model = tiny_model(family)
+    store = store_factory(restore_mode=mode, layerwise=layerwise)
+    out, rec = saved_turn(model, store, random_ids(80, 1))
+    ids = torch.cat([out.sequences, random_ids(9, 2)], dim=1)
+    cache = store.cache_for(model, "s", ids)
+    assert cache.restore_plan["choice"] == mode
+    expected = {"load": rec.num_tokens, "both": rec.num_tokens, "recompute": 0}[mode]
+    assert cache.reused_tokens == expected
+    if mode == "both":
+        assert 0 < cache.restore_plan["split"] < rec.num_tokens
+    ours = compare(model, cache, ids)
+    # what was restored (or recomputed) is saved again whole: the next turn continues exactly
+    store.save("s", cache, ours.sequences)
+    ids3 = torch.cat([ours.sequences, random_ids(4, 3)], dim=1)
+    c3 = store.cache_for(model, "s", ids3)
+    assert c3.reused_tokens == (ids3.shape[1] - 5 if mode != "recompute" else 0)
+    compare(model, c3, ids3)
+
+
+def test_layers_wait_for_their_own_kv_and_compute_overlaps_loading(store_factory, monkeypatch):
+    """Layer i computes only after job i finished, and layer 0 computes before the last job finished."""
+    model = tiny_model("llama", num_hidden_layers=6)
+    store = store_factory(restore_mode="load", layerwise=True)
+    out, _ = saved_turn(model, store, random_ids(60, 4))
+    ids = torch.cat([out.sequences, random_ids(7, 5)], dim=1)
+    log: list[tuple[str, int, float]] = []
+    real_apply = cache_mod.apply_rope
+
+    def slow_apply(keys, cos, sin):  # a slow tier: each layer takes 30 ms to arrive
+        time.sleep(0.03)
+        return real_apply(keys, cos, sin)
+
+    monkeypatch.setattr(cache_mod, "apply_rope", slow_apply)
+    real_fill = cache_mod.ChunkedLayer.fill
+    layer_of = {}
+
+    def fill(self, *a):
+        real_fill(self, *a)
+        log.append(("loaded", layer_of[id(self)], time.perf_counter()))
+
+    monkeypatch.setattr(cache_mod.ChunkedLayer, "fill", fill)
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.register_forward_pre_hook(
+            lambda m, a, i=i: log.append(("attn", i, time.perf_counter()))))
+    try:
+        cache = store.cache_for(model, "s", ids)
+        for i, layer in enumerate(cache.layers):
+            layer_of[id(layer)] = i
+        assert cache._loader is not None and cache._loader.threaded
+        with torch.no_grad():
+            first = model(cache.input_ids[:, cache.reused_tokens:], past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    loaded = {i: t for kind, i, t in log if kind == "loaded"}
+    attn = {i: t for kind, i, t in log if kind == "attn"}
+    assert sorted(loaded) == list(range(6))
+    assert attn[0] < loaded[5], "no overlap: layer 0 waited for the whole record"
+    ref = model(ids, use_cache=False).logits[:, -1]
+    assert (first.logits[:, -1] - ref).abs().max().item() <= TOL
+
+
+def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_factory, monkeypatch, caplog):
+    model = tiny_model(family)
+    store = store_factory(restore_mode="load", layerwise=True)
+    out, rec = saved_turn(model, store, random_ids(50, 6))
+    ids = torch.cat([out.sequences, random_ids(8, 7)], dim=1)
+    real_decode = cache_mod.decode
+    calls = {"n": 0}
+
+    def flaky(*a, **k):  # the third layer's data turn out unreadable after the forward has started
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("simulated read error")
+        return real_decode(*a, **k)
+
+    monkeypatch.setattr(cache_mod, "decode", flaky)
+    with caplog.at_level(logging.WARNING):
+        cache = store.cache_for(model, "s", ids)
+        assert cache.reused_tokens == rec.num_tokens
+        ours = compare(model, cache, ids)
+    assert "recomputing" in caplog.text
+    monkeypatch.setattr(cache_mod, "decode", real_decode)
+    # the turn's record is whole and right
+    store.save("s", cache, ours.sequences)
+    ids3 = torch.cat([ours.sequences, random_ids(3, 8)], dim=1)
+    compare(model, store.cache_for(model, "s", ids3), ids3)
+
+
+def test_save_returns_before_commit_and_reads_see_the_write(store_factory, monkeypatch):
+    model = tiny_model("qwen3")
+    store = store_factory(restore_mode="load")
+    ids = random_ids(40, 9)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    gate = threading.Event()
+    real_put = store.put_record
+
+    def slow_put(rec):
+        gate.wait(5)
+        real_put(rec)
+
+    monkeypatch.setattr(store, "put_record", slow_put)
+    fut = store.save("s", cache, out.sequences)
+    assert not fut.done()  # save() did not wait for the commit
+    threading.Timer(0.2, gate.set).start()
+    ids2 = torch.cat([out.sequences, random_ids(5, 10)], dim=1)
+    c2 = store.cache_for(model, "s", ids2)  # waits for this session's save: read your writes
+    assert fut.done() and c2.reused_tokens == out.sequences.shape[1] - 1
+    compare(model, c2, ids2)
+
+
+def test_changing_the_cache_right_after_save_does_not_change_the_record(store_factory, monkeypatch):
+    """The snapshot is taken before the cache changes in place (crop + more tokens overwrite the buffers)."""
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load")
+    ids = random_ids(30, 11)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    expected = [t.clone() for t, _, _ in cache.raw_layers()]
+    gate = threading.Event()
+    real_build = store._build_record
+    monkeypatch.setattr(store, "_build_record", lambda *a: (gate.wait(5), real_build(*a))[1])
+    fut = store.save("s", cache, out.sequences)
+    threading.Timer(0.2, gate.set).start()
+    cache.crop(-10)  # waits for the snapshot copy, then overwrites the tail
+    with torch.no_grad():
+        model(random_ids(10, 12), past_key_values=cache, use_cache=True)
+    rec = fut.result()
+    for lay, want in zip(rec.layers, expected):
+        assert torch.equal(lay.keys, want)
+
+
+def test_save_queue_bounds_saves_in_flight(store_factory, monkeypatch):
+    model = tiny_model("mistral")
+    store = store_factory(restore_mode="load", save_queue=2)
+    inflight, peak, lock = [0], [0], threading.Lock()
+    real_put = store.put_record
+
+    def counting_put(rec):
+        with lock:
+            inflight[0] += 1
+            peak[0] = max(peak[0], inflight[0])
+        time.sleep(0.05)
+        real_put(rec)
+        with lock:
+            inflight[0] -= 1
+
+    monkeypatch.setattr(store, "put_record", counting_put)
+    futs = []
+    for k in range(6):
+        ids = random_ids(20, 20 + k)
+        cache = store.cache_for(model, f"s{k}", ids)
+        futs.append(store.save(f"s{k}", cache, greedy(model, ids, cache).sequences))
+        with store._lock:
+            assert sum(1 for f in store._saving.values() if not f.done()) <= 2
+    store.flush()
+    assert all(f.done() for f in futs) and len(store.sessions()) == 6
+
+
+def test_random_interleavings_of_many_sessions_stay_exact(store_factory):
+    """Many sessions, turns in random order, small DRAM (records move to disk and back), every option mixed."""
+    rng = random.Random(0)
+    for family in ("llama", "gemma3"):
+        model = tiny_model(family)
+        store = store_factory(restore_mode="load", dram_bytes=60_000)
+        convs = {f"c{k}": random_ids(rng.randint(10, 40), 100 + k) for k in range(5)}
+        for step in range(16):
+            sid = rng.choice(sorted(convs))
+            ids = convs[sid]
+            cache = store.cache_for(model, sid, ids)
+            ours = compare(model, cache, ids)
+            store.save(sid, cache, ours.sequences)
+            convs[sid] = torch.cat([ours.sequences, random_ids(rng.randint(2, 9), 1000 + step)], dim=1)
+        assert store.stats()["hits"] >= 8
+
+
+def test_cost_model_choices():
+    cm = CostModel()
+    mb = 1 << 20
+    # nothing measured yet: load
+    assert cm.choose("disk", 100 * mb, 1000, "auto", accelerator=True)["choice"] == "load"
+    cm.observe_load("disk", 100 * mb, 1.0)          # 100 MB/s
+    cm.observe_prefill(1000, 0.1)                    # 0.1 ms per token
+    plan = cm.choose("disk", 100 * mb, 1000, "auto", accelerator=False)
+    assert plan["choice"] == "recompute" and plan["predicted_load_s"] == pytest.approx(1.0)
+    plan = cm.choose("disk", 100 * mb, 1000, "auto", accelerator=True)
+    # both finish together: r * 0.1 ms == (1000 - r) * 1 ms  ->  r = 909
+    assert plan["choice"] == "both" and plan["split"] == 909
+    assert plan["predicted_both_s"] < min(plan["predicted_load_s"], plan["predicted_recompute_s"])
+    cm.observe_load("dram", 100 * mb, 0.01)          # fast tier: load
+    assert cm.choose("dram", 100 * mb, 1000, "auto", accelerator=True)["choice"] == "load"
+    assert cm.choose("disk", 100 * mb, 1000, "auto", accelerator=True, can_split=False)["choice"] == "recompute"
+    assert cm.choose("disk", 100 * mb, 1000, "load", accelerator=True)["choice"] == "load"
+    assert cm.choose("disk", 1000, 20, "both", accelerator=True)["choice"] == "load"  # too short to split
+    # tiny restores are never measured (their time is overhead)
+    cm.observe_load("redis", 1000, 1.0)
+    assert "redis" not in cm.bandwidth
+
+
+def test_auto_reports_its_choice_and_learns(store_factory):
+    model = tiny_model("llama")
+    store = store_factory()  # restore_mode="auto"
+    out, _ = saved_turn(model, store, random_ids(40, 30))
+    ids = torch.cat([out.sequences, random_ids(5, 31)], dim=1)
+    cache = store.cache_for(model, "s", ids)
+    plan = cache.restore_plan
+    assert plan["mode"] == "auto" and plan["choice"] == "load" and plan["tier"] == "dram"
+    assert store.cost.s_per_token is not None  # the first turn's prefill was timed
+    compare(model, cache, ids)
+    assert store.stats()["restore_load"] == 1
+
+
+def _cuda():
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["load", "both"])
+def test_cuda_side_stream_restore_and_write_stream_save_are_exact(family, mode, store_factory):
+    model = tiny_model(family).cuda()
+    store = store_factory(restore_mode=mode, layerwise=True)
+    ids = random_ids(120, 40).cuda()
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    store.save("s", cache, out.sequences)
+    ids2 = torch.cat([out.sequences, random_ids(9, 41).cuda()], dim=1)
+    c2 = store.cache_for(model, "s", ids2)
+    assert c2.reused_tokens == out.sequences.shape[1] - 1
+    if mode == "load":
+        assert c2._loader is not None and c2._loader.stream is not None and not c2._loader.threaded
+    rec = store.dram.peek(store._key("s"))
+    assert all(lay.keys.is_pinned() for lay in rec.layers)
+    compare(model, c2, ids2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_record_evicted_while_its_copy_is_in_flight(store_factory):
+    """The loader keeps the pinned source alive: evicting the record right after cache_for changes nothing."""
+    model = tiny_model("llama").cuda()
+    store = store_factory(restore_mode="load", dram_bytes=400_000, disk_dir=None)
+    ids = random_ids(300, 50).cuda()
+    out, rec = saved_turn(model, store, ids)
+    ids2 = torch.cat([out.sequences, random_ids(5, 51).cuda()], dim=1)
+    cache = store.cache_for(model, "s", ids2)
+    for k in range(4):  # push the record out of DRAM and overwrite pinned memory
+        other = random_ids(300, 60 + k).cuda()
+        c = store.cache_for(model, f"o{k}", other)
+        store.save(f"o{k}", c, greedy(model, other, c).sequences)
+    store.flush()
+    assert not store.dram.contains(store._key("s"))
+    compare(model, cache, ids2)
