@@ -526,6 +526,15 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
     return jobs
 
 
+def _buffers(cache: AttentionStoreCache) -> list[torch.Tensor]:
+    """The tensors a layer-wise restore writes."""
+    out = []
+    for layer in cache.layers:
+        names = ("_k", "_v", "_rk") if isinstance(layer, ChunkedLayer) else ("_keys_", "_values_", "raw_keys")
+        out += [t for t in (layer.__dict__.get(n) for n in names) if isinstance(t, torch.Tensor)]
+    return out
+
+
 @torch.no_grad()
 def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
             total_len: int, *, layerwise: bool = False) -> bool:
@@ -544,7 +553,7 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
 
         for i, layer in enumerate(cache.layers):
             layer._waiter = lambda i=i: cache._wait_layer(i)
-        cache._loader = LayerLoader(jobs, _device_dtype(model)[0], keepalive=record).start()
+        cache._loader = LayerLoader(jobs, _device_dtype(model)[0], keepalive=record).start(_buffers(cache))
     else:
         for job in jobs:
             job()

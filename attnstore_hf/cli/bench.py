@@ -1,4 +1,4 @@
-"""Benchmarks that print ratios measured side by side in one run: ``reuse`` (TTFT) and ``growth`` (decode cache)."""
+"""Benchmarks that print ratios measured side by side in one run: reuse, remote, growth, overlap, sim, replay."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ..cache import ChunkedLayer
 from ..config import StoreConfig
 from ..record import session_key
 from ..store import AttentionStore
+from . import overlap
 from .common import timed_generate
 
 
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     r2.add_argument("--seed", type=int, default=0)
     r2.add_argument("--png", default=None)
     r2.add_argument("--json", default=None)
+    overlap.add_parser(sub)
     return p
 
 
@@ -449,6 +451,14 @@ def main(argv=None) -> int:
         cols = ["history", "new", "ttft_recompute_s", "ttft_dram_s", "ttft_disk_s"]
         cols += ["ttft_redis_s"] if args.redis_url else []
         cols += ["speedup_dram", "speedup_disk"] + (["speedup_redis"] if args.redis_url else []) + ["record_mb"]
+    elif args.cmd == "overlap":
+        rows, info = overlap.bench_overlap(args)
+        extra.update(info)
+        cols = overlap.COLUMNS
+        d = info["decode"]
+        print(f"{info['device']}, {info['model']} {info['dtype']}, restored from {info['tier']}; times in ms")
+        print(f"decode after {d['history']} tokens: {d['tok_s_saving_off']:.1f} tok/s without saving, "
+              f"{d['tok_s_saving_on']:.1f} tok/s with asynchronous saving ({d['ratio']:.1%})")
     elif args.cmd == "growth":
         rows = bench_growth(args)
         cols = ["prompt", "decode_steps", "dynamic_s", "chunked_s", "speedup", "dynamic_copied_mb"]

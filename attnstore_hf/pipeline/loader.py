@@ -50,12 +50,16 @@ class LayerLoader:
         self.on_failure: Callable[[BaseException], None] | None = None  # called after a recovery
 
     # ---- running ---------------------------------------------------------------------------------------------
-    def start(self) -> "LayerLoader":
+    def start(self, written=()) -> "LayerLoader":
+        """Start loading. ``written``: tensors allocated on the current stream that the jobs write (the cache's
+        buffers): on CUDA their memory is not handed out again before the side stream is done with it."""
         self.t_start = time.perf_counter()
         if self.cuda:
             self.stream = torch.cuda.Stream(device=self.device)
             # the cache buffers were allocated on the current stream: the side stream writes them only after that
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            for t in written:
+                t.record_stream(self.stream)
             self.cuda_start = torch.cuda.Event(enable_timing=True)
             self.cuda_start.record(self.stream)
         if self.threaded:

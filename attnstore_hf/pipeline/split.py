@@ -34,6 +34,10 @@ def restore_both(cache, model, record, reuse: int, split: int, total_len: int) -
         stash.clear()
         stash.update(saved)
         loader.wait_all()  # the current stream now waits for the loads too
+    if loader.stream is not None:  # made on the side stream, read on this one: not reused before that is done
+        for part in staged:
+            for t in part:
+                t.record_stream(torch.cuda.current_stream(device))
     for work, part, (k, v, raw) in zip(cache.layers, head.layers, staged):
         if isinstance(work, SlidingLayer):
             n = min(reuse, work.sliding_window - 1)

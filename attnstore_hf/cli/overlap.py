@@ -1,0 +1,220 @@
+"""``bench.py overlap``: does the layer-wise pipeline hide loading behind compute? full / load / new / sync / layered."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ..config import StoreConfig
+from ..store import AttentionStore
+
+#: random-weight shapes for GPU timing (weights do not change the time of a forward)
+SHAPES = {
+    "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=16384,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=16384,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=16384,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+}
+
+
+def load_bench_model(name: str | None, device: str, dtype: torch.dtype):
+    """The bundled Gemma 3 270M (``None``), a local model dir, or a random-weight shape from :data:`SHAPES`."""
+    if name in SHAPES:
+        import transformers as tf
+
+        cfg = tf.LlamaConfig(**SHAPES[name], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the target dtype: an 8B model in fp32 would not fit a CPU host
+        try:
+            with torch.device(device):
+                model = tf.LlamaForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(default)
+        return model, None
+    from ..models import load_model
+
+    model, tok = load_model(name, dtype=dtype)
+    return model.to(device), tok
+
+
+def _ids(tok, n: int, vocab: int, device) -> torch.Tensor:
+    if tok is None:
+        g = torch.Generator().manual_seed(n)
+        return torch.randint(8, vocab, (1, n), generator=g).to(device)
+    from ..data import sharegpt_text
+
+    ids = tok(sharegpt_text(6 * n + 2000)).input_ids
+    if len(ids) < n:
+        raise SystemExit(f"not enough ShareGPT text for {n} tokens")
+    return torch.tensor([ids[:n]], device=device)
+
+
+class _Clock:
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __enter__(self):
+        self.sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.t0
+
+
+@torch.no_grad()
+def bench_overlap(args) -> tuple[list[dict], dict]:
+    from tqdm.auto import tqdm
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    model, tok = load_bench_model(args.model, device, dtype)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    histories = args.histories or ([1024, 2048, 4096, 8192] if device == "cuda" else [1024, 2048, 4096])
+    disk_dir = tempfile.mkdtemp(prefix="attnstore-overlap-")
+    dram = args.dram
+    clock = _Clock(device)
+    rows = []
+    bar = tqdm(total=len(histories) * args.repeats, desc="overlap bench", unit="run")
+
+    def forward(ids, cache):
+        return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+    def store_for(**kw):
+        return AttentionStore(StoreConfig(disk_dir=disk_dir, dram_bytes=dram, disk_bytes=None,
+                                          restore_mode=kw.pop("restore_mode", "load"), **kw))
+
+    for hist in histories:
+        ids = _ids(tok, hist + args.new, vocab, device)
+        sid = f"h{hist}"
+        # the conversation so far: `hist` tokens of KV in a record, in DRAM (pinned on CUDA) and, for --tier disk,
+        # on disk (written at close)
+        warm = store_for(write_policy="write_back")
+        cache = warm.cache_for(model, sid, ids[:, :hist])
+        forward(ids[:, :hist], cache)
+        warm.save(sid, cache, ids[:, :hist]).result()
+        del cache
+        if args.tier == "disk":
+            warm.close()
+        for _ in range(2):  # warm-up (allocator, kernels), not timed
+            s = warm if args.tier == "dram" else store_for()
+            c = s.cache_for(model, sid, ids)
+            forward(ids[:, c.reused_tokens:], c)
+            forward(ids, None)
+            if s is not warm:
+                s.close()
+        t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both")}
+
+        def store_with(layerwise=True, restore_mode="load"):
+            if args.tier == "dram":  # the warm store holds the record in DRAM: switch its options
+                warm.config.layerwise, warm.config.restore_mode = layerwise, restore_mode
+                return warm
+            return store_for(layerwise=layerwise, restore_mode=restore_mode)  # a new store: the record is on disk
+
+        for _ in range(args.repeats):  # interleaved: drift on a shared machine hits every variant alike
+            with clock as c:
+                forward(ids, None)
+            t["full"].append(c.seconds)
+            for name, kw in (("sync", {"layerwise": False}), ("layered", {"layerwise": True}),
+                             ("both", {"restore_mode": "both"})):
+                store = store_with(**kw)
+                with clock as c:
+                    cache = store.cache_for(model, sid, ids)
+                    forward(ids[:, cache.reused_tokens:], cache)
+                assert cache.reused_tokens == hist, (name, cache.reused_tokens)
+                t[name].append(c.seconds)
+                if store is not warm:
+                    store.close()
+            store = store_with(layerwise=False)
+            with clock as c:  # loading alone
+                cache = store.cache_for(model, sid, ids)
+            t["load"].append(c.seconds)
+            with clock as c:  # the new tokens on a resident cache
+                forward(ids[:, hist:], cache)
+            t["new"].append(c.seconds)
+            if store is not warm:
+                store.close()
+            bar.update()
+        row = {"history": hist, "new_tokens": args.new, "tier": args.tier}
+        for k, v in t.items():
+            row[k] = statistics.median(v) * 1e3
+        row["layered_vs_max"] = row["layered"] / max(row["load"], row["new"])
+        row["sync_vs_layered"] = row["sync"] / row["layered"]
+        row["full_vs_layered"] = row["full"] / row["layered"]
+        rows.append(row)
+        warm.close()
+        clock.sync()
+    bar.close()
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": args.model or "gemma3-270m",
+            "dtype": str(dtype).replace("torch.", ""), "tier": args.tier, "units": "ms"}
+    info["decode"] = _decode_with_and_without_saving(model, tok, vocab, device, args, disk_dir)
+    return rows, info
+
+
+def _decode_with_and_without_saving(model, tok, vocab, device, args, disk_dir) -> dict:
+    """Decode tokens/s of generate() on a restored cache, with the turn saved (asynchronously) vs not saved."""
+    hist = args.decode_history
+    ids = _ids(tok, hist, vocab, device)
+    clock = _Clock(device)
+    on, off = [], []
+    with AttentionStore(StoreConfig(disk_dir=disk_dir, dram_bytes=args.dram, disk_bytes=None,
+                                    restore_mode="load")) as store:
+        seed = store.cache_for(model, "decode", ids)
+        model(ids, past_key_values=seed, use_cache=True, logits_to_keep=1)
+        store.save("decode", seed, ids).result()
+        gen = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False,
+                   attention_mask=torch.ones_like(ids))
+        for r in range(args.repeats + 1):
+            for saving in (False, True):
+                cache = store.cache_for(model, "decode", ids)  # all but the last token restored
+                cache.wait_loaded()
+                with clock as c:
+                    out = model.generate(ids, past_key_values=cache, **gen)
+                    if saving:
+                        store.save(f"turn{r}", cache, out)
+                if r:  # the first round warms up
+                    (on if saving else off).append(args.decode_tokens / c.seconds)
+                store.flush()  # the background commit is not part of the next measurement
+    return {"history": hist, "tokens": args.decode_tokens, "tok_s_saving_off": statistics.median(off),
+            "tok_s_saving_on": statistics.median(on),
+            "ratio": statistics.median(on) / statistics.median(off)}
+
+
+def add_parser(sub) -> None:
+    o = sub.add_parser("overlap", help="layer-wise restore: full / load / new / sync / layered, and decode with "
+                                       "asynchronous saving on vs off")
+    o.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    o.add_argument("--model", default=None, help=f"a model dir, or a random-weight shape: {', '.join(SHAPES)} "
+                                                 "(default: the bundled Gemma 3 270M)")
+    o.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    o.add_argument("--histories", type=int, nargs="+", default=None,
+                   help="default: 1024 2048 4096 (CPU), plus 8192 on CUDA")
+    o.add_argument("--new", type=int, default=100)
+    o.add_argument("--tier", choices=["dram", "disk"], default="dram", help="where the record is restored from")
+    o.add_argument("--dram", default="64GB")
+    o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--decode-tokens", type=int, default=64)
+    o.add_argument("--decode-history", type=int, default=1024)
+    o.add_argument("--json", default=None)
+
+
+COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "layered_vs_max",
+           "sync_vs_layered", "full_vs_layered"]
