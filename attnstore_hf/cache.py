@@ -489,6 +489,12 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
     span = max(total_len, int(positions.max()) + 1 if positions.numel() else 0)
     contiguous = bool(keep.numel()) and int(keep[-1]) - int(keep[0]) + 1 == keep.numel()
     tables: dict = {}
+    # positions on the device without a pageable host-to-device copy (that would block the host on the stream)
+    p0 = int(positions[0]) if positions.numel() else 0
+    if positions.numel() and torch.equal(positions, torch.arange(p0, p0 + positions.numel())):
+        pos_dev = torch.arange(p0, p0 + positions.numel(), device=device)
+    else:
+        pos_dev = positions.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else positions
 
     def job(i, lay, work, local):
         if contiguous:  # slicing keeps the common case copy-free until the device transfer
@@ -503,7 +509,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
             full = torch.arange(span, device=device).unsqueeze(0)
             tables[ltype] = adapter.rope_tables(model, i, full, dtype, device)
         cos, sin = tables[ltype]
-        pos = positions[positions.numel() - local.numel():].to(cos.device)
+        pos = pos_dev[pos_dev.numel() - local.numel():]
         keys = apply_rope(raw, cos[:, pos], sin[:, pos])
         if into_cache:
             work.fill(keys, values, raw)

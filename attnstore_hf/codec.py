@@ -45,12 +45,23 @@ def decode(parts: dict[str, torch.Tensor], codec: str, dtype: torch.dtype, token
     """Keys and values in ``dtype`` on ``device`` for the tokens ``token_index`` (a slice or index tensor on the
     token axis; ``None`` = all). The narrow data moves to the device first and is widened there."""
     sel = slice(None) if token_index is None else token_index
-    k, v = parts["k"][:, :, sel], parts["v"][:, :, sel]
-    k = k.to(device, non_blocking=True) if device is not None else k
-    v = v.to(device, non_blocking=True) if device is not None else v
+
+    def move(t):
+        """The selected tokens of ``t`` on ``device``. A strided slice of page-locked memory would be gathered
+        into pageable memory and copied synchronously: copy the whole tensor asynchronously, then slice."""
+        if device is None or torch.device(device).type != "cuda":
+            part = t[:, :, sel]
+            return part if device is None else part.to(device, non_blocking=True)
+        part = t[:, :, sel] if isinstance(sel, slice) else None
+        if part is not None and part.is_contiguous():
+            return part.to(device, non_blocking=True)
+        whole = t.to(device, non_blocking=True)
+        return whole[:, :, sel.pin_memory().to(device, non_blocking=True) if isinstance(sel, torch.Tensor) else sel]
+
+    k, v = move(parts["k"]), move(parts["v"])
     if codec in ("none", "bf16", "fp16"):
         return k.to(dtype), v.to(dtype)
-    ks = parts["ks"].to(k.device)
-    vs = parts["vs"][:, :, sel].to(v.device)
+    ks = parts["ks"].to(k.device, non_blocking=True)
+    vs = move(parts["vs"])
     return (k.float() * ks).to(dtype), (v.float() * vs.float()).to(dtype)
 

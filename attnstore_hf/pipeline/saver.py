@@ -12,10 +12,12 @@ from ..codec import encode
 class Snapshot:
     """What :meth:`AttentionStore.save` hands to its background thread.
 
-    * CUDA: the layers are encoded and copied device-to-host on a *write stream* into page-locked buffers; the
-      compute stream is not synchronised. The source tensors are marked as used by that stream
-      (``record_stream``), so the caching allocator never hands their memory out while the copy runs, and a later
-      in-place change of the cache first makes the compute stream wait for the copy (:meth:`wait_copied`).
+    * CUDA: ``save()`` only records an event on the compute stream; the background thread then encodes and copies
+      the layers device-to-host on its own *write stream* into page-locked buffers (the compute stream is never
+      synchronised, and the slow page-locked allocation happens off the decoding thread). The snapshot holds the
+      source tensors until the copies are issued, then marks them used by the write stream (``record_stream``),
+      so their memory is never handed out while a copy reads it; a later in-place change of the cache first
+      makes the compute stream wait for the copies (:meth:`wait_copied`).
     * CPU: the background thread copies the layers (:meth:`host_parts`); until it has, the cache waits before any
       in-place change.
     """
@@ -31,39 +33,39 @@ class Snapshot:
         device = self.raws[0][0].device if self.raws and self.raws[0][0].numel() else torch.device("cpu")
         self.device = device
         if device.type == "cuda":
-            current = torch.cuda.current_stream(device)
-            self.stream = torch.cuda.Stream(device=device)
-            self.stream.wait_stream(current)
-            host = []
-            with torch.cuda.stream(self.stream):
-                for raw, values, _ in self.raws:
-                    raw.record_stream(self.stream)
-                    values.record_stream(self.stream)
-                    parts = encode(raw, values, codec)
-                    host.append({k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                                 for k, t in parts.items()})
-                self._event = torch.cuda.Event()
-                self._event.record(self.stream)
-            self._host = host
-            self.raws = None
-            self._copied.set()  # in-place changes only need the compute stream to wait (wait_copied)
+            # the compute stream only records where the cache is final; the copies are issued by the background
+            # thread (page-locked allocation is slow and must not stall decoding)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(device))
         cache._snapshot = self
 
     def wait_copied(self) -> None:
         """Called by the cache before it changes in place: the copies must have read it first."""
+        self._copied.wait()
         if self._event is not None:
             torch.cuda.current_stream(self.device).wait_event(self._event)
-        else:
-            self._copied.wait()
 
     def host_parts(self) -> list[dict[str, torch.Tensor]]:
         """Per layer, the encoded host tensors (``k``, ``v``, and scales for quantized codecs). Background thread."""
-        if self._event is not None:
-            self._event.synchronize()
-            return self._host
         try:
             out = []
             with torch.no_grad():
+                if self.device.type == "cuda":
+                    stream = torch.cuda.Stream(device=self.device)
+                    with torch.cuda.stream(stream):
+                        stream.wait_event(self._ready)
+                        for raw, values, _ in self.raws:
+                            parts = encode(raw, values, self.codec)
+                            out.append({k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+                                t, non_blocking=True) for k, t in parts.items()})
+                            raw.record_stream(stream)  # not handed out again before the copy has read them
+                            values.record_stream(stream)
+                        self._event = torch.cuda.Event()
+                        self._event.record(stream)
+                    self.raws = None
+                    self._copied.set()
+                    self._event.synchronize()
+                    return out
                 for raw, values, _ in self.raws:
                     parts = encode(raw.detach(), values.detach(), self.codec)
                     out.append({k: t.to("cpu", copy=True) for k, t in parts.items()})
