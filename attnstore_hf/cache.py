@@ -295,6 +295,7 @@ class AttentionStoreCache(Cache):
         self._loader = None                       # a LayerLoader still restoring layers (layer-wise restore)
         self._snapshot = None                     # a pending asynchronous save reading this cache
         self.restore_plan: dict | None = None     # what cache_for chose for this turn: load / recompute / both
+        self.recomputed_tokens = 0                # restored tokens recomputed after a failed layer-wise load
 
     # ---- layer-wise restore -------------------------------------------------------------------------------------
     def _wait_layer(self, layer_idx: int) -> None:
@@ -361,6 +362,7 @@ class AttentionStoreCache(Cache):
         finally:
             stash.clear()
             stash.update(saved)
+        self.recomputed_tokens = self.reused_tokens
         for i, (work, fresh) in enumerate(zip(self.layers, tmp.layers)):
             if loader._waited[i]:
                 continue  # already restored and used by this forward
@@ -475,11 +477,12 @@ def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
-                 total_len: int, *, into_cache: bool = True, out: list | None = None):
+                 total_len: int, *, into_cache: bool = True, out: list | None = None, before=None):
     """One job per layer that restores the record tokens ``keep`` (indices, ascending), keys rotated for
     ``positions``. ``into_cache``: the cache layers are sized now (on the calling thread) and each job fills its
     layer; otherwise each job appends ``(keys, values, raw_keys)`` to ``out[i]``. ``None`` if a sliding layer
-    lacks the window the kept tokens need.
+    lacks the window the kept tokens need. ``before(i)``, if given, runs first in job ``i`` (it reads and
+    verifies layer ``i`` of a record opened lazily from disk).
     """
     per_layer = window_indices(record, cache, keep)
     if per_layer is None:
@@ -497,6 +500,8 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
         pos_dev = positions.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else positions
 
     def job(i, lay, work, local):
+        if before is not None:
+            before(i)
         if contiguous:  # slicing keeps the common case copy-free until the device transfer
             a = int(local[0]) if local.numel() else 0
             sel = slice(a, a + local.numel())
@@ -543,7 +548,7 @@ def _buffers(cache: AttentionStoreCache) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
-            total_len: int, *, layerwise: bool = False) -> bool:
+            total_len: int, *, layerwise: bool = False, before=None) -> bool:
     """Fill ``cache`` with the record tokens ``keep`` (indices, ascending), their keys rotated for ``positions``.
 
     Without truncation ``keep == positions == arange(reuse)``. With positional-encoding-decoupled truncation,
@@ -551,7 +556,7 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
     layers are filled in the background, layer *i* before layer *i* computes (see :class:`LayerLoader`).
     Returns ``False`` (cache untouched) if a sliding layer does not hold what it needs.
     """
-    jobs = restore_jobs(cache, model, record, keep, positions, total_len)
+    jobs = restore_jobs(cache, model, record, keep, positions, total_len, before=before)
     if jobs is None:
         return False
     if layerwise:
@@ -559,7 +564,9 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
 
         for i, layer in enumerate(cache.layers):
             layer._waiter = lambda i=i: cache._wait_layer(i)
-        cache._loader = LayerLoader(jobs, _device_dtype(model)[0], keepalive=record).start(_buffers(cache))
+        # reading from disk happens on the loader's thread on CUDA too (it then enqueues on the side stream)
+        cache._loader = LayerLoader(jobs, _device_dtype(model)[0], keepalive=record,
+                                    threaded=True if before is not None else None).start(_buffers(cache))
     else:
         for job in jobs:
             job()

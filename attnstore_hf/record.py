@@ -36,6 +36,22 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def _check_head(head: dict, expect_namespace: str | None, expect_session: str | None) -> None:
+    """The checks of a record's JSON header (its tensors are checked against ``head["checksums"]`` separately)."""
+    if head.get("magic") != MAGIC:
+        raise RecordError("not an attnstore-hf record")
+    if head.get("format_version") != FORMAT_VERSION:
+        raise RecordError(f"record format version {head.get('format_version')} is not {FORMAT_VERSION}")
+    if expect_namespace is not None and head["namespace"] != expect_namespace:
+        raise RecordError("record belongs to another namespace")
+    if expect_session is not None and head["session_id"] != expect_session:
+        raise RecordError("record belongs to another session")
+    if head.get("header_checksum") != _header_digest(head):
+        raise RecordError("header checksum mismatch: token ids or metadata are corrupt")
+    if head["dtype"] not in _DTYPES:
+        raise RecordError(f"unknown dtype {head['dtype']!r}")
+
+
 @dataclass
 class LayerKV:
     """One layer of a record: pre-RoPE keys and values ``[1, H, n, D]`` of positions ``start .. start+n-1``,
@@ -125,18 +141,7 @@ class SessionRecord:
                 raise RecordError("record is truncated: header runs past the end of the file")
             meta = json.loads(data[8 : 8 + hlen]).get("__metadata__") or {}
             head = json.loads(meta["attnstore"])
-            if head.get("magic") != MAGIC:
-                raise RecordError("not an attnstore-hf record")
-            if head.get("format_version") != FORMAT_VERSION:
-                raise RecordError(f"record format version {head.get('format_version')} is not {FORMAT_VERSION}")
-            if expect_namespace is not None and head["namespace"] != expect_namespace:
-                raise RecordError("record belongs to another namespace")
-            if expect_session is not None and head["session_id"] != expect_session:
-                raise RecordError("record belongs to another session")
-            if head.get("header_checksum") != _header_digest(head):
-                raise RecordError("header checksum mismatch: token ids or metadata are corrupt")
-            if head["dtype"] not in _DTYPES:
-                raise RecordError(f"unknown dtype {head['dtype']!r}")
+            _check_head(head, expect_namespace, expect_session)
             tensors = st_load(data)
             sums = head["checksums"]
             if set(sums) != set(tensors):
@@ -144,32 +149,125 @@ class SessionRecord:
             for name, t in tensors.items():
                 if _digest(t) != sums[name]:
                     raise RecordError(f"checksum mismatch in tensor {name}: the file is corrupt")
-            codec = head.get("codec", "none")
-            if codec not in _CODEC_DTYPES:
-                raise RecordError(f"unknown codec {codec!r}")
-            want = _CODEC_DTYPES[codec] or _DTYPES[head["dtype"]]
-            layers = []
-            for i, spec in enumerate(head["layers"]):
-                k, v = tensors[f"k.{i}"], tensors[f"v.{i}"]
-                n = spec["length"]
-                if k.dtype != want or v.dtype != want or k.dim() != 4 or k.shape[-2] != n or v.shape[-2] != n:
-                    raise RecordError(f"layer {i} does not match the header")
-                ks, vs = tensors.get(f"ks.{i}"), tensors.get(f"vs.{i}")
-                if codec in ("int8", "fp8"):
-                    if ks is None or vs is None or ks.shape != (*k.shape[:2], 1, k.shape[3]) \
-                            or vs.shape != (*v.shape[:3], 1):
-                        raise RecordError(f"layer {i}: missing or misshapen quantization scales")
-                layers.append(LayerKV(spec["kind"], int(spec["start"]), k, v, ks, vs))
-            token_ids = [int(t) for t in head["token_ids"]]
-            for lay in layers:
-                if lay.start + lay.length != len(token_ids) and lay.length:
-                    raise RecordError("layer lengths do not match the token ids")
-            return cls(head["namespace"], head["session_id"], head["fingerprint"], head["dtype"], token_ids,
-                       layers, head.get("meta") or {}, codec)
+            return cls._from_parts(head, tensors)
         except RecordError:
             raise
         except Exception as exc:  # safetensors/json/struct errors on corrupt input
             raise RecordError(f"corrupt record: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _from_parts(cls, head: dict, tensors: dict[str, torch.Tensor]) -> "SessionRecord":
+        """A record from a verified header and its tensors (checked against the header's layout)."""
+        codec = head.get("codec", "none")
+        if codec not in _CODEC_DTYPES:
+            raise RecordError(f"unknown codec {codec!r}")
+        want = _CODEC_DTYPES[codec] or _DTYPES[head["dtype"]]
+        layers = []
+        for i, spec in enumerate(head["layers"]):
+            k, v = tensors.get(f"k.{i}"), tensors.get(f"v.{i}")
+            n = spec["length"]
+            if k is None or v is None or k.dtype != want or v.dtype != want or k.dim() != 4 \
+                    or k.shape[-2] != n or v.shape[-2] != n:
+                raise RecordError(f"layer {i} does not match the header")
+            ks, vs = tensors.get(f"ks.{i}"), tensors.get(f"vs.{i}")
+            if codec in ("int8", "fp8"):
+                if ks is None or vs is None or tuple(ks.shape) != (*k.shape[:2], 1, k.shape[3]) \
+                        or tuple(vs.shape) != (*v.shape[:3], 1):
+                    raise RecordError(f"layer {i}: missing or misshapen quantization scales")
+            layers.append(LayerKV(spec["kind"], int(spec["start"]), k, v, ks, vs))
+        token_ids = [int(t) for t in head["token_ids"]]
+        for lay in layers:
+            if lay.start + lay.length != len(token_ids) and lay.length:
+                raise RecordError("layer lengths do not match the token ids")
+        return cls(head["namespace"], head["session_id"], head["fingerprint"], head["dtype"], token_ids,
+                   layers, head.get("meta") or {}, codec)
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+              "F8_E4M3": getattr(torch, "float8_e4m3fn", None)}
+
+
+class LazyRecord:
+    """A record file opened for a layer-wise restore: the header is read and verified now; each layer's tensors
+    are read and checked against their sha256 only when :meth:`materialize` asks for them (on the loader thread,
+    while earlier layers compute). Until then ``record``'s tensors are shape-only (``meta`` device) placeholders,
+    so sizes, shapes and dtypes can be checked without reading the data. The file stays open, so a concurrent
+    replacement or eviction of the file does not change what is read.
+    """
+
+    def __init__(self, path, *, expect_namespace: str | None = None, expect_session: str | None = None):
+        self._f = open(path, "rb")
+        try:
+            self._open(expect_namespace, expect_session)
+        except RecordError:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            raise RecordError(f"corrupt record: {type(exc).__name__}: {exc}") from exc
+
+    def _open(self, expect_namespace, expect_session) -> None:
+        import os
+
+        size = os.fstat(self._f.fileno()).st_size
+        first = self._f.read(8)
+        if len(first) < 8:
+            raise RecordError(f"record is truncated ({size} bytes)")
+        (hlen,) = struct.unpack("<Q", first)
+        if hlen > size - 8:
+            raise RecordError("record is truncated: header runs past the end of the file")
+        raw = json.loads(self._f.read(hlen))
+        self._base = 8 + hlen
+        meta = raw.pop("__metadata__", None) or {}
+        head = json.loads(meta["attnstore"])
+        _check_head(head, expect_namespace, expect_session)
+        self._specs = {}
+        for name, spec in raw.items():
+            dt = _ST_DTYPES.get(spec["dtype"])
+            begin, end = (int(x) for x in spec["data_offsets"])
+            shape = tuple(int(x) for x in spec["shape"])
+            if dt is None or end < begin or self._base + end > size:
+                raise RecordError(f"tensor {name} is truncated or of an unknown dtype")
+            n = 1
+            for d in shape:
+                n *= d
+            if n * torch.empty(0, dtype=dt).element_size() != end - begin:
+                raise RecordError(f"tensor {name} does not match its shape")
+            self._specs[name] = (dt, shape, begin, end)
+        self.sums = head["checksums"]
+        if set(self.sums) != set(self._specs):
+            raise RecordError("record tensors do not match its header")
+        meta_tensors = {name: torch.empty(shape, dtype=dt, device="meta")
+                        for name, (dt, shape, _, _) in self._specs.items()}
+        self.record = SessionRecord._from_parts(head, meta_tensors)
+
+    def materialize(self, i: int, pin: bool = False) -> None:
+        """Read and verify layer ``i``'s tensors (raises :class:`RecordError` on a mismatch)."""
+        import os
+
+        lay = self.record.layers[i]
+        out = {}
+        for short in ("k", "v", "ks", "vs"):
+            name = f"{short}.{i}"
+            if name not in self._specs:
+                continue
+            dt, shape, begin, end = self._specs[name]
+            t = torch.empty(shape, dtype=dt, pin_memory=pin)
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            got = os.preadv(self._f.fileno(), [buf], self._base + begin) if buf.size else 0
+            if got != buf.size:
+                raise RecordError(f"tensor {name} is truncated")
+            if hashlib.sha256(buf).hexdigest() != self.sums[name]:
+                raise RecordError(f"checksum mismatch in tensor {name}: the file is corrupt")
+            out[short] = t
+        lay.keys, lay.values = out["k"], out["v"]
+        lay.k_scale, lay.v_scale = out.get("ks"), out.get("vs")
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except Exception:
+            pass
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -112,9 +112,12 @@ class AttentionStore:
         ttl = self.config.ttl_seconds
         return ttl is not None and time.time() - float(rec.meta.get("saved_at", 0)) > ttl
 
-    def get_record(self, session_id: str, fingerprint: str | None = None) -> tuple[SessionRecord | None, str | None]:
+    def get_record(self, session_id: str, fingerprint: str | None = None,
+                   lazy: bool = False) -> tuple[SessionRecord | None, str | None]:
         """The stored record of a session and the tier it came from (``"dram"``/``"disk"``/``"redis"``), or
         ``(None, None)``. Redis is consulted only with the model ``fingerprint`` (its keys carry it).
+        ``lazy``: a disk record is returned with only its header read and verified (``record._lazy`` reads the
+        layers); it is promoted once every layer was read.
 
         A disk or Redis hit is promoted to DRAM. A record that fails validation is quarantined and is a miss.
         """
@@ -126,6 +129,15 @@ class AttentionStore:
         if rec is None:
             with self._lock:
                 rec = self._writing.get(key)
+        if rec is None and lazy and self.disk is not None and self.disk.contains(key):
+            try:
+                opened = self.disk.open_lazy(key, expect_namespace=self.namespace, expect_session=session_id)
+            except RecordError as exc:
+                self._reject_disk(session_id, key, exc)
+                opened = None
+            if opened is not None:
+                rec, tier = opened.record, "disk"
+                rec._lazy = opened  # tensors arrive layer by layer; promoted to DRAM once all are verified
         if rec is None and self.disk is not None and self.disk.contains(key):
             data = self.disk.get_bytes(key)
             if data is not None:
@@ -140,11 +152,12 @@ class AttentionStore:
             rec, tier = self._get_redis(session_id, key, fingerprint), "redis"
         if rec is not None and self._expired(rec):
             self._count("expired")
+            self._release_lazy(rec)
             self._forget(key)
             rec = None
         if rec is None:
             return None, None
-        if tier in ("disk", "redis"):
+        if tier in ("disk", "redis") and getattr(rec, "_lazy", None) is None:
             self._put_dram(rec)
         elif key in self._prefetched:
             self._prefetched.discard(key)
@@ -216,7 +229,7 @@ class AttentionStore:
         cache._patch.on_prefill = self.cost.observe_prefill
         self._wait_save(self._key(session_id))
         t_read = time.perf_counter()
-        rec, tier = self.get_record(session_id, fingerprint)
+        rec, tier = self.get_record(session_id, fingerprint, lazy=self.config.layerwise)
         if rec is not None and tier != "redis" and self.redis is not None \
                 and rec.num_tokens < user_ids.shape[1] - 1 and rec.fingerprint == fingerprint:
             # the local copy may be stale (another replica served a later turn): a longer record may be shared
@@ -228,6 +241,7 @@ class AttentionStore:
                 longer = False
             shared = self._get_redis(session_id, rec.key, fingerprint) if longer else None
             if shared is not None and shared.num_tokens > rec.num_tokens:
+                self._release_lazy(rec)
                 rec, tier = shared, "redis"
                 self._put_dram(rec)
         if rec is not None:
@@ -236,11 +250,13 @@ class AttentionStore:
                 log.warning("session %r: stored record was written by another model or dtype (%s); recomputing",
                             session_id, rec.dtype)
                 self._count("rejected_records")
+                self._release_lazy(rec)
                 rec = None
             elif not _shapes_match(rec, cache._patch.kv_shapes):
                 log.warning("session %r: stored record's tensor shapes do not fit this model; recomputing",
                             session_id)
                 self._count("rejected_records")
+                self._release_lazy(rec)
                 rec = None
         ids = user_ids[0].tolist()
         # a record of a truncated conversation keeps the user's coordinates: map them to the kept tokens
@@ -260,6 +276,8 @@ class AttentionStore:
         positions = torch.arange(keep.numel()) if self.config.truncation != "nkvt" else keep
         if keep.numel():
             keep = self._restore(cache, model, rec, tier, keep, positions, len(ids), time.perf_counter() - t_read)
+        elif rec is not None:
+            self._release_lazy(rec)
         reuse = keep.numel()
         cache.input_ids = torch.tensor([ids], dtype=torch.long, device=user_ids.device)
         cache.user_ids = user_ids[0].tolist()
@@ -297,22 +315,69 @@ class AttentionStore:
         cache.restore_plan = plan
         self._count(f"restore_{plan['choice']}")
         t0 = time.perf_counter()
+        lazy = getattr(rec, "_lazy", None)
         if plan["choice"] == "recompute":
             log.debug("session %r: recomputing %d tokens rather than loading them (%s)", cache.session_id, n, plan)
+            self._release_lazy(rec)
             return keep[:0]
+        streamed = lazy is not None and plan["choice"] == "load" and plain and self.config.layerwise
+        if lazy is not None and not streamed and not self._materialize(rec):
+            return keep[:0]  # rejected: a miss
         if plan["choice"] == "both":
             ok = restore_both(cache, model, rec, n, plan["split"], total_len)
         else:
-            ok = restore(cache, model, rec, keep, positions, total_len, layerwise=self.config.layerwise)
+            ok = restore(cache, model, rec, keep, positions, total_len, layerwise=self.config.layerwise,
+                         before=(lambda i: lazy.materialize(i, pin=device.type == "cuda")) if streamed else None)
         if not ok:
             log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", cache.session_id)
+            self._release_lazy(rec)
             return keep[:0]
         loader = cache._loader
         if loader is not None:
-            loader.on_done = lambda ld: self.cost.observe_loader(tier, nbytes, read_s, ld)
-        elif plan["choice"] == "load":
+            def done(ld, rec=rec, streamed=streamed):
+                if streamed:  # every layer read and verified: the record is whole, promote it
+                    self._finish_lazy(rec)
+                self.cost.observe_loader(tier, nbytes, read_s, ld)
+
+            def failed(exc, rec=rec):
+                if streamed:
+                    self._release_lazy(rec)
+                    self._reject_disk(rec.session_id, rec.key, RecordError(str(exc)))
+
+            loader.on_done, loader.on_failure = done, failed
+        elif streamed:
+            self._finish_lazy(rec)
+        if loader is None and plan["choice"] == "load":
             self.cost.observe_load(tier, nbytes, read_s + time.perf_counter() - t0)
         return keep
+
+    def _materialize(self, rec: SessionRecord) -> bool:
+        """Read and verify every layer of a lazily opened disk record now; ``False`` (rejected) on a bad file."""
+        lazy = rec._lazy
+        try:
+            for i in range(len(rec.layers)):
+                lazy.materialize(i)
+        except RecordError as exc:
+            self._release_lazy(rec)
+            self._reject_disk(rec.session_id, rec.key, exc)
+            return False
+        self._finish_lazy(rec)
+        return True
+
+    def _finish_lazy(self, rec: SessionRecord) -> None:
+        lazy = getattr(rec, "_lazy", None)
+        if lazy is None:
+            return
+        self._release_lazy(rec)
+        self._count("bytes_read_disk", rec.nbytes)
+        self._put_dram(rec)
+
+    @staticmethod
+    def _release_lazy(rec: SessionRecord | None) -> None:
+        lazy = getattr(rec, "_lazy", None)
+        if lazy is not None:
+            lazy.close()
+            rec._lazy = None
 
     def _context_limit(self, model) -> int:
         if self.config.max_context is not None:

@@ -136,6 +136,21 @@ class DiskTier:
             self.policy.touch(key)
         return data
 
+    def open_lazy(self, key: str, **expect):
+        """Open a record for a layer-wise restore: header verified now, tensors read and verified per layer
+        (:class:`~attnstore_hf.record.LazyRecord`). ``None`` if absent; :class:`RecordError` if the header is bad."""
+        from ..record import LazyRecord
+
+        if not self.contains(key):
+            return None
+        try:
+            lazy = LazyRecord(self.path(key), **expect)
+        except FileNotFoundError:
+            self._drop_index(key)
+            return None
+        self.policy.touch(key)
+        return lazy
+
     def read_header(self, key: str) -> dict | None:
         """The JSON header of a record file (unverified; for listings), or ``None`` if unreadable."""
         try:
