@@ -119,20 +119,26 @@ def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_fact
     compare(model, store.cache_for(model, "s", ids3), ids3)
 
 
-def test_save_returns_before_commit_and_reads_see_the_write(store_factory, monkeypatch):
-    model = tiny_model("qwen3")
+def unsaved_turn(store_factory, family, n, seed):
+    """A store and one generated turn that is not saved yet: (model, store, cache, generate output)."""
+    model = tiny_model(family)
     store = store_factory(restore_mode="load")
-    ids = random_ids(40, 9)
+    ids = random_ids(n, seed)
     cache = store.cache_for(model, "s", ids)
-    out = greedy(model, ids, cache)
+    return model, store, cache, greedy(model, ids, cache)
+
+
+def held(monkeypatch, obj, name) -> threading.Event:
+    """Make ``obj.name`` wait until the returned event is set (released after 0.2 s by a timer)."""
     gate = threading.Event()
-    real_put = store.put_record
+    real = getattr(obj, name)
+    monkeypatch.setattr(obj, name, lambda *a, **k: (gate.wait(5), real(*a, **k))[1])
+    return gate
 
-    def slow_put(rec):
-        gate.wait(5)
-        real_put(rec)
 
-    monkeypatch.setattr(store, "put_record", slow_put)
+def test_save_returns_before_commit_and_reads_see_the_write(store_factory, monkeypatch):
+    model, store, cache, out = unsaved_turn(store_factory, "qwen3", 40, 9)
+    gate = held(monkeypatch, store, "put_record")
     fut = store.save("s", cache, out.sequences)
     assert not fut.done()  # save() did not wait for the commit
     threading.Timer(0.2, gate.set).start()
@@ -144,15 +150,9 @@ def test_save_returns_before_commit_and_reads_see_the_write(store_factory, monke
 
 def test_changing_the_cache_right_after_save_does_not_change_the_record(store_factory, monkeypatch):
     """The snapshot is taken before the cache changes in place (crop + more tokens overwrite the buffers)."""
-    model = tiny_model("llama")
-    store = store_factory(restore_mode="load")
-    ids = random_ids(30, 11)
-    cache = store.cache_for(model, "s", ids)
-    out = greedy(model, ids, cache)
+    model, store, cache, out = unsaved_turn(store_factory, "llama", 30, 11)
     expected = [t.clone() for t, _, _ in cache.raw_layers()]
-    gate = threading.Event()
-    real_build = store._build_record
-    monkeypatch.setattr(store, "_build_record", lambda *a: (gate.wait(5), real_build(*a))[1])
+    gate = held(monkeypatch, store, "_build_record")
     fut = store.save("s", cache, out.sequences)
     threading.Timer(0.2, gate.set).start()
     cache.crop(-10)  # waits for the snapshot copy, then overwrites the tail
