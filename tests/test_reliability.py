@@ -6,6 +6,7 @@ import json
 import pickle
 import random
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from attnstore_hf import AttentionStore, RecordError, SessionRecord, StoreConfig
 from attnstore_hf.record import FORMAT_VERSION, _header_digest, session_key
 from attnstore_hf.sim import SimConfig, build_trace, load_turns, synthetic_record
-from conftest import random_ids, saved_turn, tiny_model
+from conftest import greedy, random_ids, saved_turn, tiny_model
 
 
 def same(a, b) -> bool:
@@ -240,3 +241,29 @@ def test_decoder_only_ever_returns_a_verified_record_or_raises_record_error(data
         return
     # accepted: then it must be the genuine record (a flipped byte somewhere harmless, e.g. JSON whitespace)
     assert same(rec, SessionRecord.from_bytes(GOOD))
+
+
+def test_format_1_records_with_sha256_checksums_are_still_read(store_factory, monkeypatch, tmp_path):
+    """Format 2 hashes tensors with xxh3-128; a format-1 file (sha256) written before still restores exactly."""
+    import attnstore_hf.record as record_mod
+
+    monkeypatch.setattr(record_mod, "FORMAT_VERSION", 1)
+    monkeypatch.setattr(record_mod, "CHECKSUM", "sha256")
+    model = tiny_model("gemma3")
+    old = store_factory()
+    out, _ = saved_turn(model, old, random_ids(40, 3))
+    old.close()
+    path = next((tmp_path / "kv").glob("*.safetensors"))
+    head = json.loads(json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
+                      ["__metadata__"]["attnstore"])
+    assert head["format_version"] == 1 and len(next(iter(head["checksums"].values()))) == 64  # sha256 hex
+    monkeypatch.undo()
+    for layerwise in (True, False):  # streamed per layer, and read whole
+        store = store_factory(layerwise=layerwise)
+        ids = torch.cat([out.sequences, random_ids(5, 4)], dim=1)
+        cache = store.cache_for(model, "s", ids)
+        assert cache.reused_tokens == out.sequences.shape[1] - 1
+        ours, ref = greedy(model, ids, cache), greedy(model, ids)
+        assert torch.equal(ours.sequences, ref.sequences)
+        assert (ours.logits[0] - ref.logits[0]).abs().max().item() <= 1e-4
+        store.close()
