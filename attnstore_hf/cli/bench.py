@@ -284,43 +284,53 @@ def bench_replay(args) -> tuple[list[dict], dict]:
     ops = [op for op in build_trace(sim_turns, cfg) if op[0] in ("plan", "lookup")]
     modes = args.modes or list(MODES)
     results, per_turn = {}, {}
-    bar = tqdm(total=len(modes) * sum(len(t) for t in sessions), desc="replay", unit="turn")
+    all_rows: dict[str, list] = {m: [] for m in modes}
+    all_stats: dict[str, dict] = {}
+    peak: dict[str, int] = {m: 0 for m in modes}
+    bar = tqdm(total=args.passes * len(modes) * sum(len(t) for t in sessions), desc="replay", unit="turn")
+    for p in range(args.passes):  # later passes reverse the order: drift of the machine hits every mode alike
+        for mode in (modes if p % 2 == 0 else modes[::-1]):
+            store = None
+            if mode.startswith("attnstore"):
+                store = AttentionStore(StoreConfig(
+                    dram_bytes=parse_size(args.dram), disk_dir=tempfile.mkdtemp(prefix=f"replay-{mode}-"),
+                    disk_bytes=parse_size(args.disk), policy="scheduler" if mode.endswith("scheduler") else "lru",
+                    namespace=mode))
+            loop = ServingLoop(model, mode, store)
+            for op in ops:
+                if op[0] == "plan":
+                    loop.plan([f"s{u}" for u in op[1]])
+                    continue
+                _, s, j, upcoming = op
+                u, r = sessions[s][j]
+                all_rows[mode].append(loop.run_turn(f"s{s}", j, u, r))
+                loop.plan([f"s{x}" for x in upcoming])
+                bar.update()
+            peak[mode] = max(peak[mode], loop.peak_memory_bytes)
+            if store is not None:
+                store.close()
+                all_stats[mode] = store.stats()
     for mode in modes:
-        store = None
-        if mode.startswith("attnstore"):
-            store = AttentionStore(StoreConfig(
-                dram_bytes=parse_size(args.dram), disk_dir=tempfile.mkdtemp(prefix=f"replay-{mode}-"),
-                disk_bytes=parse_size(args.disk), policy="scheduler" if mode.endswith("scheduler") else "lru",
-                namespace=mode))
-        loop = ServingLoop(model, mode, store)
-        rows = []
-        for op in ops:
-            if op[0] == "plan":
-                loop.plan([f"s{u}" for u in op[1]])
-                continue
-            _, s, j, upcoming = op
-            u, r = sessions[s][j]
-            rows.append(loop.run_turn(f"s{s}", j, u, r))
-            loop.plan([f"s{x}" for x in upcoming])
-            bar.update()
+        rows = all_rows[mode]
+        per_pass = len(rows) // args.passes
         ttft = sorted(x.ttft_s for x in rows)
         follow = [x for x in rows if x.turn > 0]
-        stats = store.stats() if store is not None else {}
+        stats = all_stats.get(mode, {})
         results[mode] = {
             "ttft_mean_s": statistics.mean(ttft), "ttft_p50_s": ttft[len(ttft) // 2],
             "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
             "prefill_tok_per_s": sum(x.prompt_tokens for x in rows) / sum(x.ttft_s for x in rows),
-            "compute_s": sum(x.turn_s for x in rows),
+            "compute_s": sum(x.turn_s for x in rows) / args.passes,
             "hit_rate": (sum(1 for x in follow if x.reused > 0) / len(follow)) if follow else 0.0,
             "hit_rate_dram": (sum(1 for x in follow if x.source == "dram") / len(follow)) if follow else 0.0,
             "hit_rate_disk": (sum(1 for x in follow if x.source == "disk") / len(follow)) if follow else 0.0,
-            "peak_mem_bytes": loop.peak_memory_bytes,
-            "capacity_bytes": (store.dram.capacity if store is not None else None),
-            "disk_bytes": stats.get("disk_bytes"), "turns": len(rows),
+            "peak_mem_bytes": peak[mode],
+            "capacity_bytes": parse_size(args.dram) if mode.startswith("attnstore") else None,
+            "disk_bytes": stats.get("disk_bytes"), "turns": len(rows) // args.passes, "passes": args.passes,
+            "ttft_mean_s_per_pass": [statistics.mean(x.ttft_s for x in rows[k * per_pass:(k + 1) * per_pass])
+                                     for k in range(args.passes)],
         }
         per_turn[mode] = [(x.turn, x.ttft_s) for x in rows]
-        if store is not None:
-            store.close()
     bar.close()
     base = results.get("recompute")
     for mode, r in results.items():
@@ -425,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     r2.add_argument("--disk", default="1GB", help="disk tier of the attnstore modes")
     r2.add_argument("--modes", nargs="*", default=None)
     r2.add_argument("--seed", type=int, default=0)
+    r2.add_argument("--passes", type=int, default=2,
+                    help="replay the trace this many times, every other pass in reverse mode order")
     r2.add_argument("--png", default=None)
     r2.add_argument("--json", default=None)
     overlap.add_parser(sub)
