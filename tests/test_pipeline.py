@@ -309,3 +309,21 @@ def test_disk_record_streams_layer_by_layer_and_is_promoted_when_whole(family, s
     promoted = fresh.dram.peek(rec.key)
     for a, b in zip(promoted.layers, rec.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cuda_disk_record_streams_through_the_loader_thread(family, store_factory):
+    """From disk on CUDA: the loader thread reads each layer into page-locked memory and enqueues its copy and
+    rotation on the side stream; exact, and the promoted record is page-locked."""
+    model = tiny_model(family).cuda()
+    store = store_factory(restore_mode="load")
+    out, rec = saved_turn(model, store, random_ids(90, 80).cuda())
+    store.close()
+    fresh = store_factory(restore_mode="load")
+    ids = torch.cat([out.sequences, random_ids(7, 81).cuda()], dim=1)
+    cache = fresh.cache_for(model, "s", ids)
+    assert cache.source == "disk" and cache._loader.threaded and cache._loader.stream is not None
+    compare(model, cache, ids)
+    assert all(lay.keys.is_pinned() for lay in fresh.dram.peek(rec.key).layers)
