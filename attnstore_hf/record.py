@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .errors import RecordError
 
@@ -143,15 +142,30 @@ class SessionRecord:
             "meta": self.meta,
         }
 
-    def to_bytes(self) -> bytes:
+    def encode_chunks(self) -> tuple[list, int]:
+        """The record file (safetensors) as a list of buffers — length prefix, JSON header, then each tensor's
+        own memory, nothing copied — and its size in bytes. A writer streams them to the file."""
         tensors = {}
         for i, lay in enumerate(self.layers):
             for name, t in lay.parts().items():
-                tensors[f"{name}.{i}"] = t.contiguous()
+                tensors[f"{name}.{i}"] = t.detach().contiguous()
         head = self.header()
         head["checksums"] = {name: _digest(t) for name, t in tensors.items()}
         head["header_checksum"] = _header_digest(head)
-        return st_save(tensors, metadata={"attnstore": json.dumps(head)})
+        spec, bufs, offset = {}, [], 0
+        for name, t in tensors.items():
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            spec[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + buf.size]}
+            offset += buf.size
+            bufs.append(buf)
+        spec["__metadata__"] = {"attnstore": json.dumps(head)}
+        hdr = json.dumps(spec, separators=(",", ":")).encode()
+        hdr += b" " * (-len(hdr) % 8)  # tensor data 8-byte aligned, as safetensors writes it
+        return [struct.pack("<Q", len(hdr)), hdr, *bufs], 8 + len(hdr) + offset
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.encode_chunks()[0])
 
     @classmethod
     def from_bytes(cls, data: bytes, *, expect_namespace: str | None = None,
@@ -210,6 +224,7 @@ class SessionRecord:
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
               "F8_E4M3": getattr(torch, "float8_e4m3fn", None)}
+_ST_NAMES = {dt: name for name, dt in _ST_DTYPES.items() if dt is not None}
 
 
 class LazyRecord:

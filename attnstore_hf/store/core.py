@@ -645,17 +645,25 @@ class AttentionStore:
 
     def _prefetch(self, session_id: str, key: str, protect: frozenset) -> None:
         try:
-            data = self.disk.get_bytes(key, touch=False)
-            if data is None or self.dram.contains(key):
+            if self.dram.contains(key):
                 return
-            try:
-                rec = SessionRecord.from_bytes(data, expect_namespace=self.namespace, expect_session=session_id)
+            try:  # read straight into tensors (no intermediate byte string), every layer verified
+                lazy = self.disk.open_lazy(key, touch=False, expect_namespace=self.namespace,
+                                           expect_session=session_id)
+                if lazy is None:
+                    return
+                try:
+                    rec = lazy.record
+                    if not self.dram.fits(rec.nbytes, protect):
+                        return  # would push out a session nearer the head of the queue
+                    for i in range(len(rec.layers)):
+                        lazy.materialize(i)
+                finally:
+                    lazy.close()
             except RecordError as exc:
                 self._reject_disk(session_id, key, exc)
                 return
-            if not self.dram.fits(rec.nbytes, protect):
-                return  # would push out a session nearer the head of the queue
-            self._count("bytes_read_disk", len(data))
+            self._count("bytes_read_disk", rec.nbytes)
             if self._put_dram(rec, protect=protect):
                 self._prefetched.add(key)
                 self._count("prefetches")

@@ -136,7 +136,7 @@ class DiskTier:
             self.policy.touch(key)
         return data
 
-    def open_lazy(self, key: str, **expect):
+    def open_lazy(self, key: str, touch: bool = True, **expect):
         """Open a record for a layer-wise restore: header verified now, tensors read and verified per layer
         (:class:`~attnstore_hf.record.LazyRecord`). ``None`` if absent; :class:`RecordError` if the header is bad."""
         from ..record import LazyRecord
@@ -148,7 +148,8 @@ class DiskTier:
         except FileNotFoundError:
             self._drop_index(key)
             return None
-        self.policy.touch(key)
+        if touch:
+            self.policy.touch(key)
         return lazy
 
     def read_header(self, key: str) -> dict | None:
@@ -177,22 +178,25 @@ class DiskTier:
 
         Returns bytes written. Raises ``OSError`` (full disk, ...); nothing half-written is left behind.
         """
-        data = record.to_bytes() if data is None else data
+        chunks, size = record.encode_chunks() if data is None else ([data], len(data))
         key = record.key
-        if self.capacity is not None and len(data) > self.capacity:
-            raise OSError(28, f"record of {len(data)} bytes exceeds the disk tier capacity ({self.capacity})")
+        if self.capacity is not None and size > self.capacity:
+            raise OSError(28, f"record of {size} bytes exceeds the disk tier capacity ({self.capacity})")
         with self._dir_lock():
-            self._make_room(len(data), keep=key, protect=protect)
-            self._write_file(key, data)
+            self._make_room(size, keep=key, protect=protect)
+            self._write_file(key, chunks)
         self.policy.on_insert(key, self.name)  # a demotion is not a use: the store touches on use
-        return len(data)
+        return size
 
-    def _write_file(self, key: str, data: bytes) -> None:
+    def _write_file(self, key: str, chunks: list) -> None:
+        """Write the buffers ``chunks`` as the record file of ``key``, atomically."""
         final = self.path(key)
         tmp = self.dir / f"{key}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
+        size = sum(memoryview(c).nbytes for c in chunks)
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for c in chunks:
+                    f.write(c)
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
@@ -213,8 +217,8 @@ class DiskTier:
             except OSError:
                 pass
         with self._lock:
-            self.used += len(data) - self._index.get(key, 0)
-            self._index[key] = len(data)
+            self.used += size - self._index.get(key, 0)
+            self._index[key] = size
 
     def _make_room(self, size: int, keep: str, protect=frozenset()) -> None:
         if self.capacity is None:
