@@ -336,6 +336,21 @@ class AttentionStoreCache(Cache):
             snap.wait_copied()
 
     @torch.no_grad()
+    def prefill_apart(self, ids: torch.Tensor) -> "AttentionStoreCache":
+        """Run the decoder over ``ids`` into a new cache, possibly in the middle of this cache's own forward: the
+        pre-RoPE keys this forward has captured but not yet taken are kept aside meanwhile."""
+        fresh = AttentionStoreCache(self._model)
+        stash = self._patch.stash
+        saved = dict(stash)
+        stash.clear()
+        try:
+            self._patch.adapter.decoder(self._model)(input_ids=ids, past_key_values=fresh, use_cache=True)
+        finally:
+            stash.clear()
+            stash.update(saved)
+        return fresh
+
+    @torch.no_grad()
     def _recover(self, exc: Exception) -> None:
         """A layer could not be restored after the forward started: recompute the restored prefix of every layer
         still pending in a nested forward (exact), so the turn goes on with the right answer."""
@@ -350,18 +365,7 @@ class AttentionStoreCache(Cache):
             self.session_id, exc, self.reused_tokens)
         if loader.stream is not None:
             torch.cuda.current_stream(loader.device).wait_stream(loader.stream)
-        model = self._model
-        adapter = self._patch.adapter
-        ids = self.input_ids[:, : self.reused_tokens]
-        tmp = AttentionStoreCache(model)
-        stash = self._patch.stash
-        saved = dict(stash)
-        stash.clear()
-        try:
-            adapter.decoder(model)(input_ids=ids, past_key_values=tmp, use_cache=True)
-        finally:
-            stash.clear()
-            stash.update(saved)
+        tmp = self.prefill_apart(self.input_ids[:, : self.reused_tokens])
         self.recomputed_tokens = self.reused_tokens
         for i, (work, fresh) in enumerate(zip(self.layers, tmp.layers)):
             if loader._waited[i]:
@@ -369,7 +373,7 @@ class AttentionStoreCache(Cache):
             if isinstance(work, SlidingLayer):
                 work.restore(fresh.keys, fresh.values, fresh.raw_keys, fresh.cumulative_length)
             else:
-                work.fill(fresh.keys, fresh.values, fresh._rk[:, :, : fresh._len])
+                work.fill(fresh.keys, fresh.values, fresh.raw_state()[0])
         if loader.on_failure is not None:
             loader.on_failure(exc)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -247,8 +249,6 @@ class LazyRecord:
             raise RecordError(f"corrupt record: {type(exc).__name__}: {exc}") from exc
 
     def _open(self, expect_namespace, expect_session) -> None:
-        import os
-
         size = os.fstat(self._f.fileno()).st_size
         first = self._f.read(8)
         if len(first) < 8:
@@ -258,6 +258,7 @@ class LazyRecord:
             raise RecordError("record is truncated: header runs past the end of the file")
         raw = json.loads(self._f.read(hlen))
         self._base = 8 + hlen
+        self.bytes_read = self._base  # header now, each layer's tensors as they are read
         meta = raw.pop("__metadata__", None) or {}
         head = json.loads(meta["attnstore"])
         _check_head(head, expect_namespace, expect_session)
@@ -268,10 +269,7 @@ class LazyRecord:
             shape = tuple(int(x) for x in spec["shape"])
             if dt is None or end < begin or self._base + end > size:
                 raise RecordError(f"tensor {name} is truncated or of an unknown dtype")
-            n = 1
-            for d in shape:
-                n *= d
-            if n * torch.empty(0, dtype=dt).element_size() != end - begin:
+            if math.prod(shape) * dt.itemsize != end - begin:
                 raise RecordError(f"tensor {name} does not match its shape")
             self._specs[name] = (dt, shape, begin, end)
         self.sums = head["checksums"]
@@ -284,8 +282,6 @@ class LazyRecord:
 
     def materialize(self, i: int, pin: bool = False) -> None:
         """Read and verify layer ``i``'s tensors (raises :class:`RecordError` on a mismatch)."""
-        import os
-
         lay = self.record.layers[i]
         out = {}
         for short in ("k", "v", "ks", "vs"):
@@ -300,9 +296,16 @@ class LazyRecord:
                 raise RecordError(f"tensor {name} is truncated")
             if _digest_bytes(buf, self.algo) != self.sums[name]:
                 raise RecordError(f"checksum mismatch in tensor {name}: the file is corrupt")
+            self.bytes_read += got
             out[short] = t
         lay.keys, lay.values = out["k"], out["v"]
         lay.k_scale, lay.v_scale = out.get("ks"), out.get("vs")
+
+    def materialize_all(self, pin: bool = False) -> SessionRecord:
+        """Read and verify every layer now; the record, whole."""
+        for i in range(len(self.record.layers)):
+            self.materialize(i, pin)
+        return self.record
 
     def close(self) -> None:
         try:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Callable
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class LoadError(RuntimeError):
@@ -22,11 +19,11 @@ class LayerLoader:
 
     * CPU: a background thread runs the jobs; ``wait(i)`` waits for a per-layer ``threading.Event``.
     * CUDA: the jobs are enqueued at once on a side stream, one CUDA event recorded after each; ``wait(i)`` makes
-      the *current* stream wait for event ``i`` (no host synchronisation). Jobs that must first read from the
-      host (``host_jobs``) run in the thread and enqueue their device work on the side stream from there.
+      the *current* stream wait for event ``i`` (no host synchronisation). With ``threaded=True`` (jobs that
+      must first read a file) the jobs run in the thread and enqueue their device work on the side stream.
 
-    Tensors the jobs read stay referenced by the loader (``keepalive``) until :meth:`close`, so nothing is freed
-    or reused while a copy is in flight.
+    What the jobs read stays referenced by the loader (``keepalive``) as long as the loader lives (the cache
+    drops it once every layer was waited for), so nothing is freed or reused while a copy is in flight.
     """
 
     def __init__(self, jobs: list[Callable[[], None]], device: torch.device, keepalive=None,

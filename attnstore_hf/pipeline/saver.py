@@ -29,14 +29,12 @@ class Snapshot:
         self.dtype = next((r.dtype for r, _, _ in self.raws if r.numel()), None)
         self._copied = threading.Event()
         self._event = None
-        self._host: list[dict[str, torch.Tensor]] | None = None
-        device = self.raws[0][0].device if self.raws and self.raws[0][0].numel() else torch.device("cpu")
-        self.device = device
-        if device.type == "cuda":
+        self.device = self.raws[0][0].device if self.raws and self.raws[0][0].numel() else torch.device("cpu")
+        if self.device.type == "cuda":
             # the compute stream only records where the cache is final; the copies are issued by the background
             # thread (page-locked allocation is slow and must not stall decoding)
             self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(device))
+            self._ready.record(torch.cuda.current_stream(self.device))
         cache._snapshot = self
 
     def wait_copied(self) -> None:

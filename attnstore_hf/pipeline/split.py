@@ -14,7 +14,7 @@ def restore_both(cache, model, record, reuse: int, split: int, total_len: int) -
     background (thread / side stream); both finish, then each layer is the concatenation. Exact: the computed
     keys are the model's own, the loaded ones are re-rotated for their positions. Returns ``False`` if a sliding
     layer lacks the window of the loaded part (then nothing is changed)."""
-    from ..cache import AttentionStoreCache, SlidingLayer, _device_dtype, restore_jobs
+    from ..cache import SlidingLayer, _device_dtype, restore_jobs
 
     device = _device_dtype(model)[0]
     keep = torch.arange(split, reuse)
@@ -23,16 +23,9 @@ def restore_both(cache, model, record, reuse: int, split: int, total_len: int) -
     if jobs is None:
         return False
     loader = LayerLoader(jobs, device, keepalive=record).start()
-    head = AttentionStoreCache(model)
-    ids = torch.tensor([record.token_ids[:split]], dtype=torch.long, device=device)
-    stash = cache._patch.stash
-    saved = dict(stash)
-    stash.clear()
     try:
-        cache._patch.adapter.decoder(model)(input_ids=ids, past_key_values=head, use_cache=True)
+        head = cache.prefill_apart(torch.tensor([record.token_ids[:split]], dtype=torch.long, device=device))
     finally:
-        stash.clear()
-        stash.update(saved)
         loader.wait_all()  # the current stream now waits for the loads too
     if loader.stream is not None:  # made on the side stream, read on this one: not reused before that is done
         for part in staged:
@@ -46,10 +39,8 @@ def restore_both(cache, model, record, reuse: int, split: int, total_len: int) -
             raws = torch.cat([part.raw_keys, raw], dim=-2)[:, :, -n:]
             work.restore(keys, values, raws, cumulative_length=reuse)
         else:
-            hk, hv, hr, _ = part._k, part._v, part._rk, part._len
-            n = part._len
+            head_raw, head_values, _ = part.raw_state()
             work.prepare(reuse, k[:, :, :0], v[:, :, :0], capacity=total_len)
-            work.fill(torch.cat([hk[:, :, :n], k], -2), torch.cat([hv[:, :, :n], v], -2),
-                      torch.cat([hr[:, :, :n], raw], -2))
+            work.fill(torch.cat([part.keys, k], -2), torch.cat([head_values, v], -2), torch.cat([head_raw, raw], -2))
     cache.reused_tokens = reuse
     return True

@@ -10,10 +10,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ..cache import AttentionStoreCache, SlidingLayer, restore, reusable_length
+from ..cache import AttentionStoreCache, restore, reusable_length
 from ..config import StoreConfig
 from ..errors import AttnStoreError, RecordError
-from ..codec import encode
 from ..pipeline.cost import CostModel
 from ..pipeline.saver import Snapshot
 from ..record import LayerKV, SessionRecord, dtype_name, session_key, transcode
@@ -129,25 +128,8 @@ class AttentionStore:
         if rec is None:
             with self._lock:
                 rec = self._writing.get(key)
-        if rec is None and lazy and self.disk is not None and self.disk.contains(key):
-            try:
-                opened = self.disk.open_lazy(key, expect_namespace=self.namespace, expect_session=session_id)
-            except RecordError as exc:
-                self._reject_disk(session_id, key, exc)
-                opened = None
-            if opened is not None:
-                rec, tier = opened.record, "disk"
-                rec._lazy = opened  # tensors arrive layer by layer; promoted to DRAM once all are verified
-        if rec is None and self.disk is not None and self.disk.contains(key):
-            data = self.disk.get_bytes(key)
-            if data is not None:
-                self._count("bytes_read_disk", len(data))
-                try:
-                    rec, tier = SessionRecord.from_bytes(data, expect_namespace=self.namespace,
-                                                         expect_session=session_id), "disk"
-                except RecordError as exc:
-                    self._reject_disk(session_id, key, exc)
-                    rec = None
+        if rec is None and self.disk is not None:
+            rec, tier = self._open_disk(session_id, key, whole=not lazy), "disk"
         if rec is None and fingerprint is not None:
             rec, tier = self._get_redis(session_id, key, fingerprint), "redis"
         if rec is not None and self._expired(rec):
@@ -165,6 +147,27 @@ class AttentionStore:
         self._count("loads")
         self._count("load_seconds", time.perf_counter() - t0)
         return rec, tier
+
+    def _open_disk(self, session_id: str, key: str, whole: bool) -> SessionRecord | None:
+        """A disk record read straight into tensors: every layer read and verified now (``whole``), or only its
+        header, with ``record._lazy`` reading the layers later (promoted to DRAM once all are verified).
+        ``None`` if absent or rejected."""
+        try:
+            opened = self.disk.open_lazy(key, expect_namespace=self.namespace, expect_session=session_id)
+            if opened is None:
+                return None
+            if not whole:
+                opened.record._lazy = opened
+                return opened.record
+            try:
+                rec = opened.materialize_all()
+            finally:
+                opened.close()
+        except RecordError as exc:
+            self._reject_disk(session_id, key, exc)
+            return None
+        self._count("bytes_read_disk", opened.bytes_read)
+        return rec
 
     def _reject_disk(self, session_id: str, key: str, exc: RecordError) -> None:
         """A disk record failed validation: warn, count, move the file to quarantine (the turn recomputes)."""
@@ -353,10 +356,8 @@ class AttentionStore:
 
     def _materialize(self, rec: SessionRecord) -> bool:
         """Read and verify every layer of a lazily opened disk record now; ``False`` (rejected) on a bad file."""
-        lazy = rec._lazy
         try:
-            for i in range(len(rec.layers)):
-                lazy.materialize(i)
+            rec._lazy.materialize_all()
         except RecordError as exc:
             self._release_lazy(rec)
             self._reject_disk(rec.session_id, rec.key, exc)
@@ -368,8 +369,8 @@ class AttentionStore:
         lazy = getattr(rec, "_lazy", None)
         if lazy is None:
             return
+        self._count("bytes_read_disk", lazy.bytes_read)
         self._release_lazy(rec)
-        self._count("bytes_read_disk", rec.nbytes)
         self._put_dram(rec)
 
     @staticmethod
@@ -653,17 +654,15 @@ class AttentionStore:
                 if lazy is None:
                     return
                 try:
-                    rec = lazy.record
-                    if not self.dram.fits(rec.nbytes, protect):
+                    if not self.dram.fits(lazy.record.nbytes, protect):
                         return  # would push out a session nearer the head of the queue
-                    for i in range(len(rec.layers)):
-                        lazy.materialize(i)
+                    rec = lazy.materialize_all()
                 finally:
                     lazy.close()
             except RecordError as exc:
                 self._reject_disk(session_id, key, exc)
                 return
-            self._count("bytes_read_disk", rec.nbytes)
+            self._count("bytes_read_disk", lazy.bytes_read)
             if self._put_dram(rec, protect=protect):
                 self._prefetched.add(key)
                 self._count("prefetches")

@@ -123,34 +123,29 @@ class DiskTier:
         self.policy.on_insert(key, self.name)
         return True
 
-    def get_bytes(self, key: str, touch: bool = True) -> bytes | None:
-        """Raw bytes of a record file (decoding and verification are the caller's)."""
+    def _read(self, key: str, touch: bool, reader):
+        """``reader(path)`` of a record file this tier holds, or ``None`` (absent, or gone under us)."""
         if not self.contains(key):
             return None
         try:
-            data = self.path(key).read_bytes()
+            out = reader(self.path(key))
         except FileNotFoundError:
             self._drop_index(key)
             return None
         if touch:
             self.policy.touch(key)
-        return data
+        return out
+
+    def get_bytes(self, key: str, touch: bool = True) -> bytes | None:
+        """Raw bytes of a record file (decoding and verification are the caller's)."""
+        return self._read(key, touch, Path.read_bytes)
 
     def open_lazy(self, key: str, touch: bool = True, **expect):
         """Open a record for a layer-wise restore: header verified now, tensors read and verified per layer
         (:class:`~attnstore_hf.record.LazyRecord`). ``None`` if absent; :class:`RecordError` if the header is bad."""
         from ..record import LazyRecord
 
-        if not self.contains(key):
-            return None
-        try:
-            lazy = LazyRecord(self.path(key), **expect)
-        except FileNotFoundError:
-            self._drop_index(key)
-            return None
-        if touch:
-            self.policy.touch(key)
-        return lazy
+        return self._read(key, touch, lambda path: LazyRecord(path, **expect))
 
     def read_header(self, key: str) -> dict | None:
         """The JSON header of a record file (unverified; for listings), or ``None`` if unreadable."""
