@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections import OrderedDict
 import math
 import random
 import shutil
@@ -211,3 +212,33 @@ def replay(ops: list[tuple], cfg: SimConfig, policy: str, dram: float | None = N
         "prefetch_hits": stats["prefetch_hits"], "evictions_dram": stats["evictions_dram"],
         "evictions_disk": stats["evictions_disk"],
     }
+
+
+def flat_replay(ops: list[tuple], cfg: SimConfig, policy: str, capacity: float) -> dict:
+    """The same trace through a textbook single-tier cache of ``capacity`` bytes, apart from the store's code: an
+    independent check of what the trace itself favours. ``lru``: lookups and saves renew; ``fifo``: neither does
+    (an updated record keeps its place). Records are sized like :func:`replay`'s (no codec); first turns are not
+    counted."""
+    if policy not in ("lru", "fifo"):
+        raise ValueError(f"flat_replay policy must be 'lru' or 'fifo', got {policy!r}")
+    bpt = KV_BYTES_PER_TOKEN[cfg.model]
+    held: OrderedDict[int, float] = OrderedDict()  # first = first to leave
+    used = 0.0
+    lookups = hits = 0
+    for op in ops:
+        if op[0] == "lookup" and op[2] > 0:
+            lookups += 1
+            if op[1] in held:
+                hits += 1
+                if policy == "lru":
+                    held.move_to_end(op[1])
+        elif op[0] == "save":
+            s, size = op[1], op[3] * bpt
+            used += size - held.get(s, 0.0)
+            held[s] = size
+            if policy == "lru":
+                held.move_to_end(s)
+            while used > capacity and held:
+                _, gone = held.popitem(last=False)
+                used -= gone
+    return {"hit_rate": hits / lookups if lookups else 0.0, "lookups": lookups, "capacity": capacity}

@@ -41,7 +41,7 @@ def test_bench_sim_cli_writes_json(tmp_path):
     out = tmp_path / "sim.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sim", "--sessions", "80",
                         "--no-tokenizer",
-                        "--dram", "8GB", "--disk", "40GB", "--sweep", "4GB", "--json", str(out)],
+                        "--dram", "8GB", "--disk", "40GB", "--sweep", "4GB", "--disk-sweep", "80GB", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
@@ -50,3 +50,28 @@ def test_bench_sim_cli_writes_json(tmp_path):
         assert {"hit_rate", "dram_hit_rate", "disk_hit_rate"} <= set(p)
         assert abs(p["hit_rate"] - p["dram_hit_rate"] - p["disk_hit_rate"]) < 1e-9
     assert (tmp_path / "sim.png").stat().st_size > 1000 and (tmp_path / "sim.md").exists()
+    points = {(r["dram_gb"], r["disk_gb"]) for r in data["sweep"]}
+    assert points == {(8.0, 40.0), (4.0, 40.0), (8.0, 80.0)}
+    assert [f["capacity_gb"] for f in data["flat"]] == [48.0, 88.0]
+    assert all(0 <= f["lru"] <= 1 and 0 <= f["fifo"] <= 1 for f in data["flat"])
+
+
+def test_flat_replay_is_textbook_lru_and_fifo():
+    """Room for two equal records: A, B saved; A read and updated; C saved. LRU drops B (A was used since),
+    FIFO drops A (first in; neither the read nor the update renews it)."""
+    from attnstore_hf.sim import KV_BYTES_PER_TOKEN, flat_replay
+
+    cfg = SimConfig()
+    cap = 2 * 10 * KV_BYTES_PER_TOKEN[cfg.model]
+    ops = [("save", "A", 0, 10), ("save", "B", 0, 10), ("lookup", "A", 1, []), ("save", "A", 1, 10),
+           ("save", "C", 0, 10), ("lookup", "A", 2, []), ("lookup", "B", 1, []), ("lookup", "C", 1, [])]
+    lru, fifo = flat_replay(ops, cfg, "lru", cap), flat_replay(ops, cfg, "fifo", cap)
+    assert lru["lookups"] == fifo["lookups"] == 4
+    assert lru["hit_rate"] == 3 / 4   # A, A, C hit; B was dropped
+    assert fifo["hit_rate"] == 3 / 4  # A hit once, then dropped; B and C hit
+    # what tells them apart is which record was dropped: the second lookup of A
+    assert flat_replay(ops[:6], cfg, "lru", cap)["hit_rate"] == 1.0
+    assert flat_replay(ops[:6], cfg, "fifo", cap)["hit_rate"] == 0.5
+    # a capacity that holds every record: every lookup after the first turn hits, whatever the policy
+    big = flat_replay(ops, cfg, "fifo", 10 * cap)
+    assert big["hit_rate"] == 1.0

@@ -172,7 +172,7 @@ def bench_sim(args) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
     from ..config import parse_size
-    from ..sim import KV_BYTES_PER_TOKEN, SimConfig, build_trace, load_turns, replay
+    from ..sim import KV_BYTES_PER_TOKEN, SimConfig, build_trace, flat_replay, load_turns, replay
 
     tok = None
     if not args.no_tokenizer:
@@ -201,47 +201,64 @@ def bench_sim(args) -> tuple[list[dict], dict]:
             "mean_record_bytes": sum(finals) * bpt / len(finals), "dram_bytes": cfg.dram, "disk_bytes": cfg.disk,
             "config": {k: v for k, v in vars(cfg).items() if k not in ("results", "policies")}}
     drams = sorted(set([cfg.dram] + [parse_size(d) for d in (args.sweep or [])]))
+    disks = sorted(set(parse_size(d) for d in (args.disk_sweep or [])) - {cfg.disk})
     codecs = [c for c in (args.codecs or "").split(",") if c and c != "none"]
-    rows, policies, by_codec = [], {}, {}
-    bar = tqdm(total=(len(drams) + len(codecs)) * len(cfg.policies), desc="simulating", unit="run")
-    for codec, dram in [("none", d) for d in drams] + [(c, cfg.dram) for c in codecs]:
-        cfg.codec = codec
+    runs = [("none", d, cfg.disk) for d in drams] + [("none", cfg.dram, d) for d in disks] \
+        + [(c, cfg.dram, cfg.disk) for c in codecs]
+    rows, by_codec, flat = [], {}, []
+    bar = tqdm(total=len(runs) * len(cfg.policies), desc="simulating", unit="run")
+    for codec, dram, disk in runs:
+        cfg.codec, cfg.disk = codec, disk
         for pol in cfg.policies:
             t0 = time.perf_counter()
             r = replay(ops, cfg, pol, dram=dram)
             r["seconds"] = time.perf_counter() - t0
-            rows.append({"codec": codec, "policy": pol, "dram_gb": dram / 1e9, "disk_gb": cfg.disk / 1e9, **r})
-            if dram == cfg.dram:
+            rows.append({"codec": codec, "policy": pol, "dram_gb": dram / 1e9, "disk_gb": disk / 1e9, **r})
+            if dram == cfg.dram and disk == info["disk_bytes"]:
                 by_codec.setdefault(codec, {})[pol] = r
             bar.update()
+        if codec == "none" and dram == cfg.dram:  # the independent textbook cache at the same total capacity
+            flat.append({"dram_gb": dram / 1e9, "disk_gb": disk / 1e9, "capacity_gb": (dram + disk) / 1e9,
+                         **{pol: flat_replay(ops, cfg, pol, dram + disk)["hit_rate"] for pol in ("lru", "fifo")}})
     bar.close()
-    cfg.codec = "none"
-    policies = by_codec["none"]
-    info["policies"] = policies
+    cfg.codec, cfg.disk = "none", info["disk_bytes"]
+    info["policies"] = by_codec["none"]
+    info["flat"] = flat
     if codecs:
         info["codecs"] = by_codec
-    if args.png and len(drams) > 1:
-        _plot_sim(rows, args.png)
-    return [r for r in rows if r["dram_gb"] == cfg.dram / 1e9], {**info, "sweep": [r for r in rows
-                                                                                 if r["codec"] == "none"]}
+    if args.png and (len(drams) > 1 or disks):
+        _plot_sim(rows, args.png, cfg.dram / 1e9, cfg.disk / 1e9)
+    sweep = [r for r in rows if r["codec"] == "none"]
+    return [r for r in sweep if r["dram_gb"] == cfg.dram / 1e9 and r["disk_gb"] == cfg.disk / 1e9], \
+        {**info, "sweep": sweep}
 
 
-def _plot_sim(rows: list[dict], path: str) -> None:
+def cfg_gb(info: dict, tier: str) -> float:
+    return info[f"{tier}_bytes"] / 1e9
+
+
+def _plot_sim(rows: list[dict], path: str, dram_gb: float, disk_gb: float) -> None:
+    """Hit rate vs DRAM (disk fixed) and, when swept, vs disk (DRAM fixed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for pol in ("scheduler", "lru", "fifo"):
-        pts = sorted((r["dram_gb"], r["hit_rate"]) for r in rows if r["policy"] == pol)
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("DRAM capacity (GB, modeled)")
-    ax.set_ylabel("hit rate (%)")
-    ax.set_title(f"ShareGPT replay, disk {rows[0]['disk_gb']:.0f} GB")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = [("dram_gb", "DRAM capacity (GB, modeled)", "disk_gb", disk_gb, f"disk {disk_gb:.0f} GB"),
+              ("disk_gb", "disk capacity (GB, modeled)", "dram_gb", dram_gb, f"DRAM {dram_gb:.0f} GB")]
+    panels = [p for p in panels if len({r[p[0]] for r in rows if r[p[2]] == p[3] and r["codec"] == "none"}) > 1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (x, label, fixed, value, title) in zip(axes[0], panels):
+        for pol in ("scheduler", "lru", "fifo"):
+            pts = sorted((r[x], r["hit_rate"]) for r in rows
+                         if r["policy"] == pol and r[fixed] == value and r["codec"] == "none")
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=pol)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("hit rate (%)")
+        ax.set_title(f"ShareGPT replay, {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -415,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scale", type=float, default=1e-4, help="tensor and capacity scale (ratios are kept)")
     m.add_argument("--sweep", nargs="*", default=["16GB", "32GB", "128GB"],
                    help="more DRAM capacities for the plot (same trace)")
+    m.add_argument("--disk-sweep", nargs="*", default=[],
+                   help="more disk capacities (DRAM fixed), e.g. 450GB 600GB 1000GB: where LRU and FIFO cross")
     m.add_argument("--png", default=None, help="plot of hit rate vs DRAM capacity")
     m.add_argument("--no-tokenizer", action="store_true", help="count ~4 characters per token instead")
     m.add_argument("--codecs", default=None, help="also run with records stored by these codecs, e.g. int8,fp8")
@@ -488,6 +507,12 @@ def main(argv=None) -> int:
                 "dram_share_of_hits", "prefetch_hits", "seconds"]
         print(f"{info['sessions']} sessions, {info['turns']} turns, working set "
               f"{info['working_set_bytes'] / 1e9:.0f} GB (mean record {info['mean_record_bytes'] / 1e9:.2f} GB)")
+        for r in info["sweep"]:
+            if r["codec"] == "none" and (r["dram_gb"] != cfg_gb(info, "dram") or r["disk_gb"] != cfg_gb(info, "disk")):
+                print(f"  DRAM {r['dram_gb']:.0f} GB, disk {r['disk_gb']:.0f} GB: {r['policy']} {r['hit_rate']:.1%}")
+        for f in info["flat"]:
+            print(f"  textbook single-tier cache of {f['capacity_gb']:.0f} GB (same trace, no store code): "
+                  f"lru {f['lru']:.1%}, fifo {f['fifo']:.1%}")
     print(_write_report(rows, cols, args.json, extra))
     return 0
 
