@@ -8,7 +8,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 from .errors import NotPatchedError, UnsupportedModelError
 from .patching import ModelPatch, patch_model
 from .codec import decode
-from .rope import apply_rope
+from .rope import apply_rope, apply_rope_into
 
 #: The working cache grows its buffers by at least this many tokens (then doubling): no copy per decode step.
 MIN_GROWTH = 256
@@ -72,7 +72,8 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
         def grow(buf, used):
             b, h, _, d = buf.shape
             out = buf.new_empty((b, h, new_cap, d))
-            out[:, :, :used] = buf[:, :, :used]
+            if used:
+                out[:, :, :used] = buf[:, :, :used]
             return out
 
         self._k = grow(self._k, self._len)
@@ -111,10 +112,20 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
 
     def prepare(self, n: int, like_keys, like_values, capacity: int) -> None:
         """Size the buffers for ``n`` restored tokens (filled later by :meth:`fill`) and room up to ``capacity``."""
-        self.lazy_initialization(like_keys, like_values)
-        self._reserve(max(n, capacity))
+        self.device = like_keys.device
+        b, h, _, d = like_keys.shape
+        cap = max(n, capacity)
+        self._k = like_keys.new_empty((b, h, cap, d))
+        self._v = like_values.new_empty((b, like_values.shape[1], cap, like_values.shape[-1]))
+        self._rk = like_keys.new_empty((b, h, cap, d))
+        self.is_initialized = True
         self._len = self._raw_len = n
         self._sync_views()
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the (keys, values, pre-RoPE keys) buffers :meth:`prepare` sized, for a restore to write."""
+        n = self._len
+        return self._k[:, :, :n], self._v[:, :, :n], self._rk[:, :, :n]
 
     def fill(self, keys, values, raw_keys) -> None:
         """Write the restored tokens into the buffers :meth:`prepare` sized."""
@@ -204,6 +215,10 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
                                                                               like_values.shape[-1])),
                      like_keys.new_empty((b, h, n, d)), cumulative_length)
 
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # not self.keys: that would wait for the restore that writes them
+        return self.__dict__["_keys_"], self.__dict__["_values_"], self.raw_keys
+
     def fill(self, keys, values, raw_keys) -> None:
         self.__dict__["_keys_"].copy_(keys, non_blocking=True)  # not self.keys: that would wait for this fill
         self.__dict__["_values_"].copy_(values, non_blocking=True)
@@ -247,20 +262,27 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
         self._apply_batch(lambda t: t[indices, ...])
 
 
-def _layers_for(model) -> list:
-    """One working layer per decoder layer, mirroring the layer kinds transformers' DynamicCache would pick."""
+def layer_kinds_for(model) -> list[int | None]:
+    """Per decoder layer, the sliding window of the layer transformers' DynamicCache would pick, or ``None`` for
+    a full-attention layer (``[]``: the config does not say; layers are made as the forward needs them)."""
     reference = DynamicCache(config=model.config)
-    if not reference.layers:
-        return []
-    layers = []
+    kinds = []
     for i, ref in enumerate(reference.layers):
         if isinstance(ref, DynamicSlidingWindowLayer):
-            layers.append(SlidingLayer(sliding_window=ref.sliding_window))
+            kinds.append(ref.sliding_window)
         elif type(ref) is DynamicLayer:
-            layers.append(ChunkedLayer())
+            kinds.append(None)
         else:
             raise UnsupportedModelError(f"layer {i} needs a {type(ref).__name__} cache, which attnstore-hf does not support")
-    return layers
+    return kinds
+
+
+def _layers_for(patch: ModelPatch, model) -> list:
+    """One working layer per decoder layer, mirroring the layer kinds transformers' DynamicCache would pick (worked
+    out once per model: building a reference cache costs more than a restore of a short history)."""
+    if patch.layer_kinds is None:
+        patch.layer_kinds = layer_kinds_for(model)
+    return [ChunkedLayer() if w is None else SlidingLayer(sliding_window=w) for w in patch.layer_kinds]
 
 
 class AttentionStoreCache(Cache):
@@ -276,7 +298,7 @@ class AttentionStoreCache(Cache):
 
     def __init__(self, model, *, session_id: str | None = None):
         self._patch: ModelPatch = patch_model(model)
-        layers = _layers_for(model)
+        layers = _layers_for(self._patch, model)
         if layers:
             super().__init__(layers=layers)
         else:
@@ -491,39 +513,57 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
     per_layer = window_indices(record, cache, keep)
     if per_layer is None:
         return None
-    adapter = cache._patch.adapter
+    patch = cache._patch
     device, dtype = _device_dtype(model)
     span = max(total_len, int(positions.max()) + 1 if positions.numel() else 0)
     contiguous = bool(keep.numel()) and int(keep[-1]) - int(keep[0]) + 1 == keep.numel()
-    tables: dict = {}
-    # positions on the device without a pageable host-to-device copy (that would block the host on the stream)
+    # RoPE tables on the calling thread (kept across turns for static rope types), before the loader starts:
+    # on CUDA its side stream waits for the current one, so it sees them
+    tables = {}
+    for i, ltype in enumerate(patch.layer_types[: len(record.layers)]):
+        if ltype not in tables:
+            tables[ltype] = patch.rope_tables(model, i, span, dtype, device)
     p0 = int(positions[0]) if positions.numel() else 0
-    if positions.numel() and torch.equal(positions, torch.arange(p0, p0 + positions.numel())):
-        pos_dev = torch.arange(p0, p0 + positions.numel(), device=device)
+    in_order = bool(positions.numel()) and torch.equal(positions, torch.arange(p0, p0 + positions.numel()))
+    if in_order:  # the common case: cos/sin are slices of the tables, no gather and no index tensor on the device
+        pos_dev = None
+    elif device.type == "cuda":  # without a pageable host-to-device copy (it would block the host on the stream)
+        pos_dev = positions.pin_memory().to(device, non_blocking=True)
     else:
-        pos_dev = positions.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else positions
+        pos_dev = positions
 
     def job(i, lay, work, local):
         if before is not None:
             before(i)
+        n = local.numel()
         if contiguous:  # slicing keeps the common case copy-free until the device transfer
-            a = int(local[0]) if local.numel() else 0
-            sel = slice(a, a + local.numel())
+            a = int(local[0]) if n else 0
+            sel = slice(a, a + n)
         else:
             sel = local
-        # the stored (possibly narrow or quantized) data moves to the device, then is decoded there
-        raw, values = decode(lay.parts(), record.codec, dtype, sel, device)
-        ltype = adapter.layer_type(model, i)
-        if ltype not in tables:
-            full = torch.arange(span, device=device).unsqueeze(0)
-            tables[ltype] = adapter.rope_tables(model, i, full, dtype, device)
-        cos, sin = tables[ltype]
-        pos = pos_dev[pos_dev.numel() - local.numel():]
-        keys = apply_rope(raw, cos[:, pos], sin[:, pos])
-        if into_cache:
-            work.fill(keys, values, raw)
+        parts = lay.parts()
+        cos, sin = tables[patch.layer_types[i]]
+        if pos_dev is None:
+            first = p0 + positions.numel() - n
+            cos, sin = cos[:, first:first + n], sin[:, first:first + n]
         else:
-            out[i] = (keys, values, raw)
+            pos = pos_dev[pos_dev.numel() - n:]
+            cos, sin = cos[:, pos], sin[:, pos]
+        if into_cache:  # straight into the cache's buffers: pre-RoPE keys and values copied, keys rotated there
+            k_dst, v_dst, rk_dst = work.targets()
+            hk = hv = None
+            if record.codec == "none" and parts["k"].dtype == dtype and isinstance(sel, slice):
+                hk, hv = parts["k"][:, :, sel], parts["v"][:, :, sel]
+                if device.type == "cuda" and not (hk.is_contiguous() and hv.is_contiguous()):
+                    hk = hv = None  # a strided slice of page-locked memory would be copied synchronously
+            if hk is None:  # narrow or quantized data moves to the device first, then is decoded there
+                hk, hv = decode(parts, record.codec, dtype, sel, device)
+            rk_dst.copy_(hk, non_blocking=True)
+            v_dst.copy_(hv, non_blocking=True)
+            apply_rope_into(k_dst, rk_dst, cos, sin)
+        else:
+            raw, values = decode(parts, record.codec, dtype, sel, device)
+            out[i] = (apply_rope(raw, cos, sin), values, raw)
 
     jobs = []
     for i, (lay, work, local) in enumerate(zip(record.layers, cache.layers, per_layer)):

@@ -43,6 +43,46 @@ class ModelPatch:
         self.on_prefill = None  # callable(tokens, seconds) fed with every timed prefill forward
         self._timing = threading.local()
         self._cuda_timings: list = []  # (tokens, start event, end event) not read yet
+        self.layer_kinds: list | None = None  # per layer: sliding window or None (worked out by the cache, once)
+        self.layer_types = [adapter.layer_type(model, i) for i in range(self.num_layers)]
+        self._rope: dict = {}  # (layer type, device, dtype) -> (cos, sin, inv_freq they were made from)
+        self._rope_lock = threading.Lock()
+
+    # ---- RoPE tables, kept across turns ----------------------------------------------------------------------
+    #: rope types whose frequencies do not depend on the sequence length: a table for positions [0, n) is a
+    #: prefix of the table for [0, m), so one table serves every turn ("dynamic" and "longrope" are recomputed)
+    STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
+
+    def rope_tables(self, model: nn.Module, layer_idx: int, span: int, dtype: torch.dtype, device):
+        """cos/sin ``[1, >= span, D]`` for positions ``0 .. span-1`` as the model computes them for this layer.
+
+        For static rope types the table is kept and grown (doubling), so a turn does not recompute it; it is
+        recomputed if the rotary module's frequencies were replaced. Other types get a fresh table for exactly
+        ``span`` positions each time."""
+        ltype = self.layer_types[layer_idx] if layer_idx < len(self.layer_types) else None
+        rotary = self.adapter.decoder(model).rotary_emb
+        rope_type = getattr(rotary, "rope_type", None)
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(ltype)
+        inv_freq = getattr(rotary, f"{ltype}_inv_freq" if ltype and hasattr(rotary, f"{ltype}_inv_freq")
+                           else "inv_freq", None)
+
+        def compute(n):
+            positions = torch.arange(n, device=device).unsqueeze(0)
+            return self.adapter.rope_tables(model, layer_idx, positions, dtype, device)
+
+        if rope_type not in self.STATIC_ROPE or inv_freq is None:
+            return compute(span)
+        key = (ltype, str(torch.device(device)), dtype)
+        with self._rope_lock:
+            held = self._rope.get(key)
+            if held is not None and held[0].shape[1] >= span and held[2] is inv_freq \
+                    and held[3] == inv_freq._version:
+                return held[0], held[1]
+            n = max(span, 256, 2 * held[0].shape[1] if held is not None and held[2] is inv_freq else 0)
+            cos, sin = compute(n)
+            self._rope[key] = (cos, sin, inv_freq, inv_freq._version)
+            return cos, sin
 
     # ---- prefill timing (feeds the store's cost model) ----------------------------------------------------------
     #: forwards with fewer new tokens than this (decode steps) are not timed

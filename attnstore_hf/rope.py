@@ -21,3 +21,12 @@ def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     sin = sin.unsqueeze(1)
     return (keys * cos) + (rotate_half(keys) * sin)
 
+
+
+def apply_rope_into(out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` written into ``out`` (a view of the cache's buffer): the same operations in the same
+    order, ``k * cos`` then ``+ rotate_half(k) * sin``, so the result is bit-identical, without a temporary the
+    size of the keys and a copy of it."""
+    torch.mul(keys, cos.unsqueeze(1), out=out)
+    out.add_(rotate_half(keys) * sin.unsqueeze(1))
+    return out

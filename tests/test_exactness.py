@@ -226,3 +226,57 @@ def test_captured_keys_rotate_to_exactly_the_models_keys(family):
         assert torch.equal(values, ref_layer.values[:, :, -n:])
         if ours.layer_kinds[i] == "sliding":  # the window, not the history
             assert n == ref_layer.sliding_window - 1 < ids.shape[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotation_into_a_strided_buffer_is_bit_identical(dtype):
+    """The restore rotates keys straight into the cache's buffer (a strided view): same bits as apply_rope."""
+    from attnstore_hf.rope import apply_rope, apply_rope_into
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 4, 37, 16, generator=g).to(dtype)
+    cos, sin = torch.randn(1, 37, 16, generator=g).to(dtype), torch.randn(1, 37, 16, generator=g).to(dtype)
+    buf = torch.zeros(1, 4, 64, 16, dtype=dtype)
+    out = apply_rope_into(buf[:, :, :37], keys, cos, sin)
+    assert not out.is_contiguous() and out.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:, :, :37], apply_rope(keys, cos, sin))
+    assert torch.count_nonzero(buf[:, :, 37:]) == 0
+
+
+@pytest.mark.parametrize("family,overrides", [("gemma3", {}), ("llama", {}), ("llama", {"rope_parameters": {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64}})])
+def test_rope_tables_kept_across_turns_equal_fresh_ones(family, overrides):
+    """The RoPE tables a restore uses are kept and grown across turns (static rope types): every prefix equals the
+    table the model computes for exactly that many positions, and replaced frequencies are noticed."""
+    from attnstore_hf import AttentionStoreCache
+
+    model = tiny_model(family, **overrides)
+    patch = AttentionStoreCache(model)._patch
+    adapter = patch.adapter
+    for span in (40, 300, 700, 90):
+        for i in range(patch.num_layers):
+            cos, sin = patch.rope_tables(model, i, span, torch.float32, torch.device("cpu"))
+            fcos, fsin = adapter.rope_tables(model, i, torch.arange(span).unsqueeze(0), torch.float32, "cpu")
+            assert cos.shape[1] >= span
+            assert torch.equal(cos[:, :span], fcos) and torch.equal(sin[:, :span], fsin), (span, i)
+    kept = len(patch._rope)
+    assert kept == len(set(patch.layer_types)) and kept >= 1
+    again = patch.rope_tables(model, 0, 500, torch.float32, torch.device("cpu"))
+    assert again[0] is patch.rope_tables(model, 0, 20, torch.float32, torch.device("cpu"))[0]  # no recompute
+    rotary = adapter.decoder(model).rotary_emb
+    name = next(n for n, _ in rotary.named_buffers() if n.endswith("inv_freq") and "original" not in n)
+    setattr(rotary, name, getattr(rotary, name) * 0.5)  # someone replaces the frequencies: tables follow
+    cos, _ = patch.rope_tables(model, 0, 50, torch.float32, torch.device("cpu"))
+    fcos, _ = adapter.rope_tables(model, 0, torch.arange(50).unsqueeze(0), torch.float32, "cpu")
+    assert torch.equal(cos[:, :50], fcos)
+
+
+def test_dynamic_rope_tables_are_not_kept():
+    """A rope type whose frequencies depend on the length ("dynamic") gets a fresh table of exactly the span."""
+    from attnstore_hf import AttentionStoreCache
+
+    model = tiny_model("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    patch = AttentionStoreCache(model)._patch
+    cos, _ = patch.rope_tables(model, 0, 33, torch.float32, torch.device("cpu"))
+    assert cos.shape[1] == 33 and not patch._rope

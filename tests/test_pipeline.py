@@ -55,36 +55,36 @@ def test_layers_wait_for_their_own_kv_and_compute_overlaps_loading(store_factory
     out, _ = saved_turn(model, store, random_ids(60, 4))
     ids = torch.cat([out.sequences, random_ids(7, 5)], dim=1)
     log: list[tuple[str, int, float]] = []
-    real_apply = cache_mod.apply_rope
+    real_apply = cache_mod.apply_rope_into
+    layer_of = {}  # data pointer of a layer's key buffer -> the layer (sized before any job runs)
+    real_prepare = cache_mod.ChunkedLayer.prepare
 
-    def slow_apply(keys, cos, sin):  # a slow tier: each layer takes 30 ms to arrive
+    def prepare(self, *a, **k):
+        real_prepare(self, *a, **k)
+        layer_of[self._k.data_ptr()] = self
+
+    monkeypatch.setattr(cache_mod.ChunkedLayer, "prepare", prepare)
+
+    def slow_apply(out, keys, cos, sin):  # a slow tier: each layer takes 30 ms to arrive
         time.sleep(0.03)
-        return real_apply(keys, cos, sin)
+        real_apply(out, keys, cos, sin)
+        log.append(("loaded", layer_of[out.data_ptr()], time.perf_counter()))
+        return out
 
-    monkeypatch.setattr(cache_mod, "apply_rope", slow_apply)
-    real_fill = cache_mod.ChunkedLayer.fill
-    layer_of = {}
-
-    def fill(self, *a):
-        real_fill(self, *a)
-        log.append(("loaded", layer_of[id(self)], time.perf_counter()))
-
-    monkeypatch.setattr(cache_mod.ChunkedLayer, "fill", fill)
+    monkeypatch.setattr(cache_mod, "apply_rope_into", slow_apply)
     handles = []
     for i, layer in enumerate(model.model.layers):
         handles.append(layer.self_attn.register_forward_pre_hook(
             lambda m, a, i=i: log.append(("attn", i, time.perf_counter()))))
     try:
         cache = store.cache_for(model, "s", ids)
-        for i, layer in enumerate(cache.layers):
-            layer_of[id(layer)] = i
         assert cache._loader is not None and cache._loader.threaded
         with torch.no_grad():
             first = model(cache.input_ids[:, cache.reused_tokens:], past_key_values=cache, use_cache=True)
     finally:
         for h in handles:
             h.remove()
-    loaded = {i: t for kind, i, t in log if kind == "loaded"}
+    loaded = {cache.layers.index(layer): t for kind, layer, t in log if kind == "loaded"}
     attn = {i: t for kind, i, t in log if kind == "attn"}
     assert sorted(loaded) == list(range(6))
     assert attn[0] < loaded[5], "no overlap: layer 0 waited for the whole record"
@@ -97,22 +97,22 @@ def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_fact
     store = store_factory(restore_mode="load", layerwise=True)
     out, rec = saved_turn(model, store, random_ids(50, 6))
     ids = torch.cat([out.sequences, random_ids(8, 7)], dim=1)
-    real_decode = cache_mod.decode
+    real_rotate = cache_mod.apply_rope_into
     calls = {"n": 0}
 
-    def flaky(*a, **k):  # the third layer's data turn out unreadable after the forward has started
+    def flaky(*a, **k):  # the third layer's data turn out unusable after the forward has started
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("simulated read error")
-        return real_decode(*a, **k)
+        return real_rotate(*a, **k)
 
-    monkeypatch.setattr(cache_mod, "decode", flaky)
+    monkeypatch.setattr(cache_mod, "apply_rope_into", flaky)
     with caplog.at_level(logging.WARNING):
         cache = store.cache_for(model, "s", ids)
         assert cache.reused_tokens == rec.num_tokens
         ours = compare(model, cache, ids)
     assert "recomputing" in caplog.text
-    monkeypatch.setattr(cache_mod, "decode", real_decode)
+    monkeypatch.setattr(cache_mod, "apply_rope_into", real_rotate)
     # the turn's record is whole and right
     store.save("s", cache, ours.sequences)
     ids3 = torch.cat([ours.sequences, random_ids(3, 8)], dim=1)

@@ -16,6 +16,13 @@ SHAPES = {
     "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=16384,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # Llama-3-8B's layer count and GQA with tiny tensors: the host work per layer (Python, op dispatch) dominates,
+    # as it does for a launch-bound GPU forward; shows on a CPU whether restore overhead serialises with compute
+    "llama3-8b-host": dict(hidden_size=512, intermediate_size=512, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=1000, max_position_embeddings=16384,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192}),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=16384,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
