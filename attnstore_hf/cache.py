@@ -352,6 +352,27 @@ class AttentionStoreCache(Cache):
                     break
                 self._wait_layer(i)
 
+    def discard(self) -> None:
+        """This cache will not be used (a turn restored ahead of time that was not served): stop restoring and let
+        go of what the restore holds. The cache is empty afterwards."""
+        loader = self._loader
+        if loader is None:
+            return
+        if loader.released and loader.finished and not any(e is not None for e in loader._errors):
+            self.wait_loaded()  # everything arrived and was verified: finish as a used restore would
+        else:
+            self._loader = None
+            loader.cancel()
+            if loader.stream is not None:  # the buffers are freed on the current stream: after the side stream
+                torch.cuda.current_stream(loader.device).wait_stream(loader.stream)
+            if loader.on_cancel is not None:
+                loader.on_cancel()
+        for layer in self.layers:
+            layer._waiter = None
+        self.reset()
+        self.reused_tokens = 0
+        self.prefix_ids = []
+
     def _wait_snapshot(self) -> None:
         snap, self._snapshot = self._snapshot, None
         if snap is not None:
@@ -592,12 +613,13 @@ def _buffers(cache: AttentionStoreCache) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
-            total_len: int, *, layerwise: bool = False, before=None) -> bool:
+            total_len: int, *, layerwise: bool = False, before=None, ahead: int | None = None) -> bool:
     """Fill ``cache`` with the record tokens ``keep`` (indices, ascending), their keys rotated for ``positions``.
 
     Without truncation ``keep == positions == arange(reuse)``. With positional-encoding-decoupled truncation,
     ``keep`` skips the dropped tokens and ``positions`` re-embeds the kept ones contiguously. ``layerwise``: the
-    layers are filled in the background, layer *i* before layer *i* computes (see :class:`LayerLoader`).
+    layers are filled in the background, layer *i* before layer *i* computes (see :class:`LayerLoader`);
+    ``ahead``: only that many layers are loaded before the forward asks for them (a turn restored early).
     Returns ``False`` (cache untouched) if a sliding layer does not hold what it needs.
     """
     jobs = restore_jobs(cache, model, record, keep, positions, total_len, before=before)
@@ -610,7 +632,8 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
             layer._waiter = lambda i=i: cache._wait_layer(i)
         # reading from disk happens on the loader's thread on CUDA too (it then enqueues on the side stream)
         cache._loader = LayerLoader(jobs, _device_dtype(model)[0], keepalive=record,
-                                    threaded=True if before is not None else None).start(_buffers(cache))
+                                    threaded=True if before is not None else None,
+                                    ahead=ahead).start(_buffers(cache))
     else:
         for job in jobs:
             job()

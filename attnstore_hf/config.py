@@ -83,6 +83,16 @@ class StoreConfig:
             ``"int8"`` (keys per channel, values per token, with scales) or ``"fp8"`` (e4m3, scaled likewise).
         disk_codec: the codec of the disk and Redis copies (``None``: the same as ``codec``), e.g. DRAM ``none``
             and disk ``int8``. A record is always decoded by the codec it names.
+        layerwise: restore layer by layer in the background (a thread on CPU, a side stream on CUDA), each layer
+            waiting only for its own K/V, so loading overlaps the forward.
+        restore_mode: ``"auto"`` (per turn, from measured bandwidth and prefill speed: load, recompute or both),
+            ``"load"``, ``"recompute"`` or ``"both"`` (recompute the first tokens while loading the rest).
+        async_save: ``save()`` returns at once; the copy off the device and the commit run in the background.
+        save_queue: saves in flight at most (back-pressure on the caller beyond that).
+        stage_sessions: turns :meth:`~attnstore_hf.AttentionStore.stage` may restore ahead of time at once (the
+            oldest is dropped beyond that; 0 turns staging off). Each holds its restored KV on the device.
+        stage_layers: layers a staged turn loads before it is served (``None``: all); the rest load once the turn
+            asks for them, so a staged turn takes little transfer bandwidth from the turn being served.
     """
 
     dram_bytes: int | str | None = "2GB"
@@ -111,6 +121,8 @@ class StoreConfig:
     restore_mode: str = "auto"
     async_save: bool = True
     save_queue: int = 4
+    stage_sessions: int = 2
+    stage_layers: int | None = None
 
     def __post_init__(self) -> None:
         self.dram_bytes = parse_size(self.dram_bytes, "dram_bytes")
@@ -148,6 +160,10 @@ class StoreConfig:
             raise ConfigError(f"max_context must be >= 2, got {self.max_context!r}")
         if self.restore_mode not in ("auto", "load", "recompute", "both"):
             raise ConfigError(f"restore_mode must be 'auto', 'load', 'recompute' or 'both', got {self.restore_mode!r}")
+        if self.stage_sessions < 0:
+            raise ConfigError(f"stage_sessions must be >= 0, got {self.stage_sessions}")
+        if self.stage_layers is not None and self.stage_layers < 0:
+            raise ConfigError(f"stage_layers must be >= 0 or None, got {self.stage_layers}")
         if self.save_queue < 1:
             raise ConfigError(f"save_queue must be >= 1, got {self.save_queue}")
         if self.save_workers < 1:

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from .store import AttentionStore
 
-MODES = ("recompute", "hf_dynamic", "attnstore_lru", "attnstore_scheduler")
+MODES = ("recompute", "hf_dynamic", "attnstore_lru", "attnstore_scheduler", "attnstore_scheduler_staged")
 
 
 @dataclass
@@ -22,6 +22,7 @@ class TurnResult:
     source: str | None
     ttft_s: float
     turn_s: float
+    first_token: int = -1
 
 
 @dataclass
@@ -31,7 +32,9 @@ class ServingLoop:
 
     * ``recompute`` — every turn prefills the whole history (transformers' default);
     * ``hf_dynamic`` — each session's ``DynamicCache`` is kept in memory between turns (transformers' recipe);
-    * ``attnstore_*`` — an :class:`AttentionStore` (bounded DRAM/disk) restores the history.
+    * ``attnstore_*`` — an :class:`AttentionStore` (bounded DRAM/disk) restores the history;
+      ``attnstore_scheduler_staged`` also starts restoring the turn at the head of the queue while the current
+      turn generates (:meth:`AttentionStore.stage`), as CachedAttention's read buffer does.
     """
 
     model: object
@@ -49,11 +52,14 @@ class ServingLoop:
 
     def plan(self, upcoming: list[str]) -> None:
         """The queue changed: tell the store (scheduler-aware prefetch and eviction)."""
-        if self.mode == "attnstore_scheduler":
+        if self.mode.startswith("attnstore_scheduler"):
             self.store.plan(upcoming)
 
     @torch.no_grad()
-    def run_turn(self, session: str, turn: int, user_ids: list[int], reply_ids: list[int]) -> TurnResult:
+    def run_turn(self, session: str, turn: int, user_ids: list[int], reply_ids: list[int],
+                 stage_next: tuple[str, list[int]] | None = None) -> TurnResult:
+        """Serve one turn. ``stage_next``: (session, user message ids) of the turn at the head of the queue; with
+        ``attnstore_scheduler_staged`` its restore starts once this turn's first token is out."""
         history = self.histories.get(session, [])
         ids = torch.tensor([history + user_ids])
         t0 = time.perf_counter()
@@ -66,8 +72,12 @@ class ServingLoop:
             ids = cache.input_ids
             reused, source = cache.reused_tokens, cache.source
         kwargs = {} if cache is None else {"past_key_values": cache}
-        self.model.generate(ids, max_new_tokens=1, do_sample=False, **kwargs)
+        first = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                                    **kwargs)
         ttft = time.perf_counter() - t0
+        if stage_next is not None and self.mode == "attnstore_scheduler_staged" and stage_next[0] != session:
+            nxt, nxt_ids = stage_next
+            self.store.stage(self.model, nxt, torch.tensor([self.histories.get(nxt, []) + list(nxt_ids)]))
         full = ids[0].tolist() + reply_ids
         if cache is not None and reply_ids:  # teacher-force the recorded reply into the cache
             self.model(torch.tensor([reply_ids]), past_key_values=cache, use_cache=True)
@@ -80,4 +90,5 @@ class ServingLoop:
             self.store.save(session, cache, torch.tensor([full]))
             self.peak_memory_bytes = max(self.peak_memory_bytes, self.store.dram.used)
         self.histories[session] = full
-        return TurnResult(session, turn, ids.shape[1], reused, source, ttft, time.perf_counter() - t0)
+        return TurnResult(session, turn, ids.shape[1], reused, source, ttft, time.perf_counter() - t0,
+                          int(first[0, -1]))

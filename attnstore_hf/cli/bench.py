@@ -311,16 +311,20 @@ def bench_replay(args) -> tuple[list[dict], dict]:
             if mode.startswith("attnstore"):
                 store = AttentionStore(StoreConfig(
                     dram_bytes=parse_size(args.dram), disk_dir=tempfile.mkdtemp(prefix=f"replay-{mode}-"),
-                    disk_bytes=parse_size(args.disk), policy="scheduler" if mode.endswith("scheduler") else "lru",
+                    disk_bytes=parse_size(args.disk), policy="scheduler" if "scheduler" in mode else "lru",
                     namespace=mode))
             loop = ServingLoop(model, mode, store)
+            served = [0] * len(sessions)  # turns served per session: the index of its queued turn
             for op in ops:
                 if op[0] == "plan":
                     loop.plan([f"s{u}" for u in op[1]])
                     continue
                 _, s, j, upcoming = op
                 u, r = sessions[s][j]
-                all_rows[mode].append(loop.run_turn(f"s{s}", j, u, r))
+                served[s] += 1
+                # the head of the queue as this turn is dispatched: what a staging server restores meanwhile
+                head = (f"s{upcoming[0]}", sessions[upcoming[0]][served[upcoming[0]]][0]) if upcoming else None
+                all_rows[mode].append(loop.run_turn(f"s{s}", j, u, r, stage_next=head))
                 loop.plan([f"s{x}" for x in upcoming])
                 bar.update()
             peak[mode] = max(peak[mode], loop.peak_memory_bytes)

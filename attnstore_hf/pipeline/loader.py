@@ -27,8 +27,14 @@ class LayerLoader:
     """
 
     def __init__(self, jobs: list[Callable[[], None]], device: torch.device, keepalive=None,
-                 threaded: bool | None = None):
+                 threaded: bool | None = None, ahead: int | None = None):
+        """``ahead``: run only the first ``ahead`` jobs until :meth:`release` (a turn restored before it is served
+        loads that many layers in advance, the rest once the turn starts); ``None`` = all at once."""
         self.jobs = jobs
+        self._go = threading.Event()
+        self._limit = len(jobs) if ahead is None else max(0, min(int(ahead), len(jobs)))
+        if self._limit == len(jobs):
+            self._go.set()
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.threaded = (not self.cuda) if threaded is None else threaded
@@ -45,6 +51,7 @@ class LayerLoader:
         self.cuda_start = self.cuda_end = None
         self.on_done: Callable[["LayerLoader"], None] | None = None     # called once every layer was waited for
         self.on_failure: Callable[[BaseException], None] | None = None  # called after a recovery
+        self.on_cancel: Callable[[], None] | None = None  # called when the restore is discarded unfinished
 
     # ---- running ---------------------------------------------------------------------------------------------
     def start(self, written=()) -> "LayerLoader":
@@ -63,12 +70,35 @@ class LayerLoader:
             self._thread = threading.Thread(target=self._run_all, name="attnstore-loader", daemon=True)
             self._thread.start()
         else:
-            self._run_all()
+            self._run(0, self._limit)
+            if self._go.is_set():
+                self._finish()
         return self
+
+    def release(self) -> None:
+        """Load the layers held back by ``ahead`` (the turn is being served now). Idempotent."""
+        if self._go.is_set():
+            return
+        self._go.set()
+        if not self.threaded:
+            self._run(self._limit, self.n)
+            self._finish()
+
+    @property
+    def released(self) -> bool:
+        return self._go.is_set()
 
     @torch.no_grad()
     def _run_all(self) -> None:
-        for i, job in enumerate(self.jobs):
+        self._run(0, self._limit)
+        self._go.wait()
+        self._run(self._limit, self.n)
+        self._finish()
+
+    @torch.no_grad()
+    def _run(self, lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            job = self.jobs[i]
             if self._cancel:
                 self._errors[i] = LoadError("cancelled")
                 self._done[i].set()
@@ -86,6 +116,8 @@ class LayerLoader:
                 self._errors[i] = exc
                 self._cancel = True
             self._done[i].set()
+
+    def _finish(self) -> None:
         if self.cuda:
             self.cuda_end = torch.cuda.Event(enable_timing=True)
             self.cuda_end.record(self.stream)
@@ -96,6 +128,8 @@ class LayerLoader:
         """Block layer ``i``'s compute until its K/V are in place. Raises :class:`LoadError` if they never will be."""
         if i >= self.n or self._waited[i]:
             return
+        if i >= self._limit:
+            self.release()
         self._done[i].wait()
         err = self._errors[i]
         if err is not None:
@@ -115,6 +149,10 @@ class LayerLoader:
     def cancel(self) -> None:
         """Stop after the job in progress (its results are discarded by the caller)."""
         self._cancel = True
+        if not self._go.is_set():  # held-back layers are never loaded: report them cancelled
+            self._go.set()
+            if not self.threaded:
+                self._run(self._limit, self.n)
         if self._thread is not None:
             self._thread.join()
 

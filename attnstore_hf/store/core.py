@@ -28,7 +28,7 @@ _COUNTERS = (
     "reused_tokens", "prefilled_tokens", "saves", "prefetches", "prefetch_hits", "evictions_dram",
     "evictions_disk", "disk_writes", "disk_write_errors", "bytes_written_disk", "bytes_read_disk",
     "bytes_written_dram", "loads", "load_seconds", "restore_seconds", "save_seconds", "restore_load",
-    "restore_recompute", "restore_both",
+    "restore_recompute", "restore_both", "staged", "staged_used", "staged_dropped",
 )
 
 
@@ -101,6 +101,7 @@ class AttentionStore:
         self._lock = threading.Lock()
         self._stats = {k: 0 for k in _COUNTERS}
         self.cost = CostModel()
+        self._staged: dict[str, AttentionStoreCache] = {}  # turns restored ahead of time, oldest first
         self._closed = False
 
     # ---- lookup / restore -------------------------------------------------------------------------------
@@ -220,10 +221,57 @@ class AttentionStore:
         ``input_ids`` is the whole conversation so far (history + new message). Pass ``cache.input_ids`` to
         ``model.generate(..., past_key_values=cache)``: it equals ``input_ids`` unless the conversation outgrew
         the context window and was truncated (then it is the kept tokens plus the new ones). Only the tokens
-        past ``cache.reused_tokens`` are prefilled.
+        past ``cache.reused_tokens`` are prefilled. A turn :meth:`stage`-d earlier with the same ids is handed
+        over as it is (its loading already under way or done).
         """
         self._check_open()
         session_id = _check_session_id(session_id)
+        staged = self._unstage(self._key(session_id))
+        if staged is not None:
+            if staged._model is model and staged.user_ids == _as_ids(input_ids)[0].tolist():
+                if staged._loader is not None:
+                    staged._loader.release()
+                self._count("staged_used")
+                return staged
+            self._discard(staged)  # the turn changed since it was staged (another message, another model)
+        return self._lookup(model, session_id, input_ids)
+
+    def stage(self, model, session_id: str, input_ids) -> AttentionStoreCache:
+        """Start restoring a turn before it is served: the serving loop knows what comes next (CachedAttention's
+        read buffer). The next :meth:`cache_for` of this session with the same ``input_ids`` gets this cache, its
+        layers loaded (``StoreConfig.stage_layers`` of them, or all) while the current turn computes.
+
+        At most ``StoreConfig.stage_sessions`` turns are staged at once (the oldest is dropped); a save of the
+        session, :meth:`drop` or :meth:`close` drops its staged turn. Staging never changes an answer: a staged
+        cache is used only for exactly the ids it was built for.
+        """
+        self._check_open()
+        session_id = _check_session_id(session_id)
+        key = self._key(session_id)
+        old = self._unstage(key)
+        if old is not None:
+            self._discard(old)
+        if self.config.stage_sessions == 0:
+            return self._lookup(model, session_id, input_ids)
+        cache = self._lookup(model, session_id, input_ids, ahead=self.config.stage_layers)
+        with self._lock:
+            self._staged[key] = cache
+            over = list(self._staged)[: max(0, len(self._staged) - self.config.stage_sessions)]
+            dropped = [self._staged.pop(k) for k in over]
+        for c in dropped:
+            self._discard(c)
+        self._count("staged")
+        return cache
+
+    def _unstage(self, key: str) -> AttentionStoreCache | None:
+        with self._lock:
+            return self._staged.pop(key, None)
+
+    def _discard(self, cache: AttentionStoreCache) -> None:
+        cache.discard()
+        self._count("staged_dropped")
+
+    def _lookup(self, model, session_id: str, input_ids, ahead: int | None = None) -> AttentionStoreCache:
         user_ids = _as_ids(input_ids)
         t0 = time.perf_counter()
         cache = AttentionStoreCache(model, session_id=session_id)
@@ -278,7 +326,8 @@ class AttentionStore:
             cache.truncated = dropped
         positions = torch.arange(keep.numel()) if self.config.truncation != "nkvt" else keep
         if keep.numel():
-            keep = self._restore(cache, model, rec, tier, keep, positions, len(ids), time.perf_counter() - t_read)
+            keep = self._restore(cache, model, rec, tier, keep, positions, len(ids), time.perf_counter() - t_read,
+                                 ahead)
         elif rec is not None:
             self._release_lazy(rec)
         reuse = keep.numel()
@@ -304,7 +353,7 @@ class AttentionStore:
                   cache.load_seconds * 1e3)
         return cache
 
-    def _restore(self, cache, model, rec, tier, keep, positions, total_len, read_s) -> torch.Tensor:
+    def _restore(self, cache, model, rec, tier, keep, positions, total_len, read_s, ahead=None) -> torch.Tensor:
         """Restore ``keep`` as the cost model picks (load / recompute / both); returns what was restored."""
         from ..pipeline.split import restore_both
 
@@ -330,7 +379,8 @@ class AttentionStore:
             ok = restore_both(cache, model, rec, n, plan["split"], total_len)
         else:
             ok = restore(cache, model, rec, keep, positions, total_len, layerwise=self.config.layerwise,
-                         before=(lambda i: lazy.materialize(i, pin=device.type == "cuda")) if streamed else None)
+                         before=(lambda i: lazy.materialize(i, pin=device.type == "cuda")) if streamed else None,
+                         ahead=ahead)
         if not ok:
             log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", cache.session_id)
             self._release_lazy(rec)
@@ -348,6 +398,8 @@ class AttentionStore:
                     self._reject_disk(rec.session_id, rec.key, RecordError(str(exc)))
 
             loader.on_done, loader.on_failure = done, failed
+            if streamed:
+                loader.on_cancel = lambda rec=rec: self._release_lazy(rec)
         elif streamed:
             self._finish_lazy(rec)
         if loader is None and plan["choice"] == "load":
@@ -462,6 +514,9 @@ class AttentionStore:
         t0 = time.perf_counter()
         head = self._record_head(session_id, cache, sequences)
         key = self._key(session_id)
+        staged = self._unstage(key)  # a turn of this session staged before this save: restored from the old record
+        if staged is not None and staged is not cache:
+            self._discard(staged)
         if not self.config.async_save:
             fut: Future = Future()
             rec = self._build_record(head, Snapshot(cache, self.config.codec))
@@ -733,7 +788,11 @@ class AttentionStore:
     def drop(self, session_id: str) -> None:
         """Forget a session in every tier."""
         self.flush()
-        self._forget(self._key(_check_session_id(session_id)))
+        key = self._key(_check_session_id(session_id))
+        staged = self._unstage(key)
+        if staged is not None:
+            self._discard(staged)
+        self._forget(key)
 
     def _forget(self, key: str) -> None:
         self.dram.remove(key)
@@ -746,6 +805,10 @@ class AttentionStore:
         """Flush, persist every DRAM record to disk (so a new process resumes every session), stop the workers."""
         if self._closed:
             return
+        with self._lock:
+            staged, self._staged = list(self._staged.values()), {}
+        for cache in staged:
+            self._discard(cache)
         self._prefetch_pool.shutdown(wait=True)
         self.flush()
         self._save_pool.shutdown(wait=True)

@@ -1,0 +1,133 @@
+"""Turns restored ahead of time (``AttentionStore.stage``): handed over only for the exact ids, exact answers."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from conftest import greedy, random_ids, saved_turn, tiny_model
+
+TOL = 1e-4
+
+
+def compare(model, cache, ids):
+    """generate() on the cache gives the recompute's logits."""
+    ours = greedy(model, cache.input_ids, cache)
+    ref = greedy(model, ids)
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.logits, ref.logits):
+        assert (a - b).abs().max().item() <= TOL
+    return ours
+
+
+def next_turn(model, store, seed, session="s", n=40):
+    out, rec = saved_turn(model, store, random_ids(n, seed), session)
+    return torch.cat([out.sequences, random_ids(6, seed + 100)], dim=1), rec
+
+
+def test_a_staged_turn_is_handed_over_and_exact(store_factory):
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load")
+    ids, rec = next_turn(model, store, 1)
+    staged = store.stage(model, "s", ids)
+    assert staged.reused_tokens == rec.num_tokens
+    cache = store.cache_for(model, "s", ids)
+    assert cache is staged
+    s = store.stats()
+    assert (s["staged"], s["staged_used"], s["staged_dropped"], s["lookups"]) == (1, 1, 0, 2)
+    compare(model, cache, ids)
+
+
+def test_stage_layers_holds_back_the_rest_until_the_turn_starts(store_factory):
+    model = tiny_model("llama", num_hidden_layers=5)
+    store = store_factory(restore_mode="load", stage_layers=2)
+    ids, _ = next_turn(model, store, 2)
+    staged = store.stage(model, "s", ids)
+    loader = staged._loader
+    assert loader is not None and loader.threaded
+    loader._done[1].wait(5)
+    time.sleep(0.1)  # the thread had time to run on if it were going to
+    assert [d.is_set() for d in loader._done] == [True, True, False, False, False]
+    cache = store.cache_for(model, "s", ids)
+    assert cache is staged and loader.released
+    compare(model, cache, ids)
+
+
+def test_a_changed_turn_is_restored_afresh(store_factory):
+    """The user edited the message after the turn was staged: the staged cache is dropped, the turn restored."""
+    model = tiny_model("gemma3")
+    store = store_factory(restore_mode="load", stage_layers=1)
+    ids, rec = next_turn(model, store, 3)
+    staged = store.stage(model, "s", ids)
+    edited = torch.cat([ids[:, :-3], random_ids(5, 33)], dim=1)
+    cache = store.cache_for(model, "s", edited)
+    assert cache is not staged and cache.reused_tokens == rec.num_tokens
+    assert staged._loader is None and staged.get_seq_length() == 0  # let go, emptied
+    assert store.stats()["staged_dropped"] == 1
+    compare(model, cache, edited)
+
+
+def test_a_save_after_staging_drops_the_staged_turn(store_factory):
+    model = tiny_model("mistral")
+    store = store_factory(restore_mode="load")
+    ids, rec = next_turn(model, store, 4)
+    staged = store.stage(model, "s", ids)
+    # the session's turn is served without the staged cache (another replica, a retry) and saved first
+    cache = store.cache_for(model, "s", ids)
+    assert cache is staged
+    out = compare(model, cache, ids)
+    store.save("s", cache, out.sequences).result()
+    ids3 = torch.cat([out.sequences, random_ids(4, 44)], dim=1)
+    early = store.stage(model, "s", ids3)
+    store.save("s", cache, out.sequences).result()  # a save of the session after staging
+    assert store.stats()["staged_dropped"] == 1 and early._loader is None
+    fresh = store.cache_for(model, "s", ids3)
+    assert fresh is not early and fresh.reused_tokens == out.sequences.shape[1] - 1
+    compare(model, fresh, ids3)
+
+
+def test_at_most_stage_sessions_are_held_and_close_lets_go(store_factory):
+    model = tiny_model("qwen2")
+    store = store_factory(restore_mode="load", stage_sessions=2, stage_layers=0)
+    turns = {f"u{k}": next_turn(model, store, 10 + k, session=f"u{k}")[0] for k in range(3)}
+    staged = {sid: store.stage(model, sid, ids) for sid, ids in turns.items()}
+    assert list(store._staged) == [store._key("u1"), store._key("u2")]  # the oldest (u0) was dropped
+    assert staged["u0"]._loader is None and store.stats()["staged_dropped"] == 1
+    assert store.cache_for(model, "u2", turns["u2"]) is staged["u2"]
+    compare(model, staged["u2"], turns["u2"])
+    held = staged["u1"]._loader
+    assert held is not None and not held.released
+    store.close()  # a staged turn never served: its loader is stopped, nothing hangs
+    assert held.finished and staged["u1"]._loader is None
+    assert all(not t.name.startswith("attnstore-loader") or not t.is_alive()
+               for t in __import__("threading").enumerate() if t is held._thread)
+
+
+def test_staging_a_disk_record_streams_it_and_a_dropped_one_releases_the_file(store_factory, tmp_path):
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load", write_policy="write_through")
+    ids, rec = next_turn(model, store, 5)
+    store.close()
+    store2 = store_factory(restore_mode="load", stage_layers=1)
+    staged = store2.stage(model, "s", ids)
+    assert staged.source == "disk" and staged.reused_tokens == rec.num_tokens
+    lazy = staged._loader.keepalive._lazy  # streamed from the file, layer by layer
+    assert not lazy._f.closed
+    other = torch.cat([ids, random_ids(2, 55)], dim=1)
+    cache = store2.cache_for(model, "s", other)  # not the staged ids: dropped, the file handle released
+    assert lazy._f.closed and staged._loader is None
+    assert cache is not staged and cache.reused_tokens == rec.num_tokens
+    compare(model, cache, other)
+    assert store2.stats()["rejected_records"] == 0  # a dropped staged restore is not a bad file
+
+
+def test_stage_sessions_zero_turns_staging_off(store_factory):
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load", stage_sessions=0)
+    ids, _ = next_turn(model, store, 6)
+    staged = store.stage(model, "s", ids)
+    assert not store._staged
+    cache = store.cache_for(model, "s", ids)
+    assert cache is not staged
+    compare(model, cache, ids)
