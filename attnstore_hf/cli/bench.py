@@ -350,6 +350,7 @@ def bench_replay(args) -> tuple[list[dict], dict]:
             "disk_bytes": stats.get("disk_bytes"), "turns": len(rows) // args.passes, "passes": args.passes,
             "ttft_mean_s_per_pass": [statistics.mean(x.ttft_s for x in rows[k * per_pass:(k + 1) * per_pass])
                                      for k in range(args.passes)],
+            "staged_used": stats.get("staged_used"),  # last pass: turns served from a cache staged ahead
         }
         per_turn[mode] = [(x.turn, x.ttft_s) for x in rows]
     bar.close()
@@ -358,6 +359,9 @@ def bench_replay(args) -> tuple[list[dict], dict]:
         if base:
             r["ttft_vs_recompute"] = r["ttft_mean_s"] / base["ttft_mean_s"]
             r["prefill_speedup"] = r["prefill_tok_per_s"] / base["prefill_tok_per_s"]
+            # the answers do not depend on the mode: the first token of every turn, compared with recompute's
+            same = sum(a.first_token == b.first_token for a, b in zip(all_rows[mode], all_rows["recompute"]))
+            r["first_tokens_as_recompute"] = same / len(all_rows[mode])
     if args.png:
         _plot_replay(results, per_turn, args.png)
     rows = [{"mode": m, **r} for m, r in results.items()]
@@ -503,7 +507,7 @@ def main(argv=None) -> int:
         cols = ["mode", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "prefill_tok_per_s", "compute_s", "hit_rate",
                 "hit_rate_dram", "hit_rate_disk", "peak_mem_bytes"]
         if "recompute" in info["modes"]:
-            cols += ["ttft_vs_recompute", "prefill_speedup"]
+            cols += ["ttft_vs_recompute", "prefill_speedup", "first_tokens_as_recompute"]
     else:
         rows, info = bench_sim(args)
         extra.update(info)

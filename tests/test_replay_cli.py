@@ -1,0 +1,32 @@
+"""``bench.py replay`` end to end on the real model and real ShareGPT turns (small)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_replay_every_mode_answers_like_recompute(tmp_path):
+    out = tmp_path / "replay.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "replay", "--sessions", "3",
+                        "--max-turns", "3", "--user-cap", "48", "--reply-cap", "24", "--passes", "1",
+                        "--rate", "50", "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"recompute", "hf_dynamic", "attnstore_lru", "attnstore_scheduler",
+                          "attnstore_scheduler_staged"}
+    for name, m in modes.items():
+        assert m["first_tokens_as_recompute"] == 1.0, name
+        if name != "recompute":
+            assert m["hit_rate"] == 1.0, name  # every later turn restored its history
+    assert modes["attnstore_scheduler_staged"]["staged_used"] >= 1
+    assert modes["attnstore_lru"]["staged_used"] == 0
+    assert (tmp_path / "replay.png").stat().st_size > 1000
