@@ -126,6 +126,33 @@ def test_eviction_window_protects_queued_sessions_on_disk(tmp_path):
     del probe
 
 
+@pytest.mark.parametrize("policy", ["lru", "scheduler"])
+def test_write_back_drops_disk_copies_superseded_by_dram_first(tmp_path, policy):
+    """With write-back, a session promoted back to DRAM has a stale copy on disk; when the disk needs room that
+    copy goes first (DRAM holds the newer record and writes it again when demoted), not another session."""
+    probe = make(tmp_path / "probe", policy, dram_records=0)
+    probe.put_record(rec("p"))
+    probe.flush()
+    file_size = probe.disk.used  # a record's file: its tensors and header
+    probe.close()
+    store = make(tmp_path, policy, dram_records=2, disk=2 * file_size + file_size // 2, write_policy="write_back")
+    for s in "abcd":
+        store.put_record(rec(s))
+        store.flush()
+    assert set(store.dram.keys()) == dram_keys(store, "c", "d")
+    assert set(store.disk.keys()) == dram_keys(store, "a", "b")
+    got, tier = store.get_record("a")  # promoted: c is demoted to disk, which has room for two records
+    store.flush()
+    assert tier == "disk" and same(got, rec("a"))
+    # the room for c came from a's stale copy (recently used, so plain LRU would have dropped b instead)
+    assert set(store.disk.keys()) == dram_keys(store, "b", "c")
+    for s in "abc":
+        got, _ = store.get_record(s)
+        store.flush()
+        assert got is not None and same(got, rec(s)), s
+    store.close()
+
+
 # ---- restart ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("write_policy", ["write_through", "write_back"])
 def test_restart_keeps_every_committed_record(tmp_path, write_policy):

@@ -627,7 +627,10 @@ class AttentionStore:
         rec = self._far_copy(rec)
         try:
             before = self.disk.evictions
-            n = self.disk.put(rec, protect=self._protect_disk)
+            # write-back: a session also in DRAM has its newest record there and is written again when demoted,
+            # so its disk copy is the first to go when room is needed (nothing is lost, room is not wasted)
+            first = frozenset(self.dram.keys()) if self.config.write_policy == "write_back" else frozenset()
+            n = self.disk.put(rec, protect=self._protect_disk, first=first)
             self._count("evictions_disk", self.disk.evictions - before)
         except OSError as exc:
             self._count("disk_write_errors")

@@ -168,17 +168,19 @@ class DiskTier:
         data = self.get_bytes(key, touch=False)
         return None if data is None else SessionRecord.from_bytes(data, **expect)
 
-    def put(self, record: SessionRecord, data: bytes | None = None, protect=frozenset()) -> int:
+    def put(self, record: SessionRecord, data: bytes | None = None, protect=frozenset(), first=frozenset()) -> int:
         """Write ``record`` atomically (temp file, fsync, rename), evicting by policy to stay in capacity.
 
-        Returns bytes written. Raises ``OSError`` (full disk, ...); nothing half-written is left behind.
+        ``first``: keys whose files go before any other when room is needed (copies a tier above supersedes),
+        ``protect``: keys that go last. Returns bytes written. Raises ``OSError`` (full disk, ...); nothing
+        half-written is left behind.
         """
         chunks, size = record.encode_chunks() if data is None else ([data], len(data))
         key = record.key
         if self.capacity is not None and size > self.capacity:
             raise OSError(28, f"record of {size} bytes exceeds the disk tier capacity ({self.capacity})")
         with self._dir_lock():
-            self._make_room(size, keep=key, protect=protect)
+            self._make_room(size, keep=key, protect=protect, first=first)
             self._write_file(key, chunks)
         self.policy.on_insert(key, self.name)  # a demotion is not a use: the store touches on use
         return size
@@ -215,14 +217,15 @@ class DiskTier:
             self.used += size - self._index.get(key, 0)
             self._index[key] = size
 
-    def _make_room(self, size: int, keep: str, protect=frozenset()) -> None:
+    def _make_room(self, size: int, keep: str, protect=frozenset(), first=frozenset()) -> None:
         if self.capacity is None:
             return
         used = self.used - self._index.get(keep, 0)
         if used + size <= self.capacity:
             return
         order = self.policy.eviction_order([k for k in self._index if k != keep], self.name)
-        order = [k for k in order if k not in protect] + [k for k in order if k in protect]
+        order = ([k for k in order if k in first] + [k for k in order if k not in protect and k not in first]
+                 + [k for k in order if k in protect and k not in first])
         for key in order:
             if used + size <= self.capacity:
                 break
