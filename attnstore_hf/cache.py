@@ -356,11 +356,10 @@ class AttentionStoreCache(Cache):
         """This cache will not be used (a turn restored ahead of time that was not served): stop restoring and let
         go of what the restore holds. The cache is empty afterwards."""
         loader = self._loader
-        if loader is None:
-            return
-        if loader.released and loader.finished and not any(e is not None for e in loader._errors):
+        whole = loader is not None and loader.released and loader.finished and not any(loader._errors)
+        if whole:
             self.wait_loaded()  # everything arrived and was verified: finish as a used restore would
-        else:
+        elif loader is not None:
             self._loader = None
             loader.cancel()
             if loader.stream is not None:  # the buffers are freed on the current stream: after the side stream

@@ -41,7 +41,8 @@ def test_bench_sim_cli_writes_json(tmp_path):
     out = tmp_path / "sim.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sim", "--sessions", "80",
                         "--no-tokenizer",
-                        "--dram", "8GB", "--disk", "40GB", "--sweep", "4GB", "--disk-sweep", "80GB", "--json", str(out)],
+                        "--dram", "8GB", "--disk", "40GB", "--sweep", "4GB", "--disk-sweep", "80GB", "--seeds", "1",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
@@ -54,6 +55,8 @@ def test_bench_sim_cli_writes_json(tmp_path):
     assert points == {(8.0, 40.0), (4.0, 40.0), (8.0, 80.0)}
     assert [f["capacity_gb"] for f in data["flat"]] == [48.0, 88.0]
     assert all(0 <= f["lru"] <= 1 and 0 <= f["fifo"] <= 1 for f in data["flat"])
+    assert set(data["seeds"]) == {"1"} and set(data["seeds"]["1"]) == {"lru", "fifo", "scheduler"}
+    assert data["seeds_mean"] == data["seeds"]["1"]
 
 
 def test_flat_replay_is_textbook_lru_and_fifo():

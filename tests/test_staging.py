@@ -131,3 +131,17 @@ def test_stage_sessions_zero_turns_staging_off(store_factory):
     cache = store.cache_for(model, "s", ids)
     assert cache is not staged
     compare(model, cache, ids)
+
+
+def test_a_dropped_staged_miss_is_emptied_too(store_factory):
+    """Nothing to restore (a new session): the staged cache has no loader, and is still emptied when dropped."""
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load")
+    ids = random_ids(12, 7)
+    staged = store.stage(model, "new", ids)
+    assert staged.reused_tokens == 0 and staged._loader is None
+    with torch.no_grad():
+        model(ids, past_key_values=staged, use_cache=True)  # someone used it anyway
+    assert staged.get_seq_length() == 12
+    store.drop("new")
+    assert staged.get_seq_length() == 0 and store.stats()["staged_dropped"] == 1

@@ -224,6 +224,15 @@ def bench_sim(args) -> tuple[list[dict], dict]:
     cfg.codec, cfg.disk = "none", info["disk_bytes"]
     info["policies"] = by_codec["none"]
     info["flat"] = flat
+    if args.seeds:  # the same capacities on traces drawn with other seeds: how much of a gap is the draw
+        per_seed = {}
+        for seed in tqdm(args.seeds, desc="seeds", unit="trace"):
+            cfg.seed = seed
+            trace = build_trace(sessions, cfg)
+            per_seed[seed] = {pol: replay(trace, cfg, pol)["hit_rate"] for pol in cfg.policies}
+        cfg.seed = args.seed
+        info["seeds"] = per_seed
+        info["seeds_mean"] = {pol: sum(r[pol] for r in per_seed.values()) / len(per_seed) for pol in cfg.policies}
     if codecs:
         info["codecs"] = by_codec
     if args.png and (len(drams) > 1 or disks):
@@ -446,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-tokenizer", action="store_true", help="count ~4 characters per token instead")
     m.add_argument("--codecs", default=None, help="also run with records stored by these codecs, e.g. int8,fp8")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seeds", type=int, nargs="*", default=[],
+                   help="also replay traces drawn with these seeds at the default capacities (spread of the gaps)")
     m.add_argument("--json", default=None)
     r2 = sub.add_parser("replay", help="ShareGPT sessions on the real model: recompute vs hf_dynamic vs attnstore")
     r2.add_argument("--model", default=None)
@@ -518,6 +529,10 @@ def main(argv=None) -> int:
         for r in info["sweep"]:
             if r["codec"] == "none" and (r["dram_gb"] != cfg_gb(info, "dram") or r["disk_gb"] != cfg_gb(info, "disk")):
                 print(f"  DRAM {r['dram_gb']:.0f} GB, disk {r['disk_gb']:.0f} GB: {r['policy']} {r['hit_rate']:.1%}")
+        for seed, r in info.get("seeds", {}).items():
+            print(f"  seed {seed}: " + ", ".join(f"{pol} {v:.2%}" for pol, v in r.items()))
+        if "seeds_mean" in info:
+            print("  mean over seeds: " + ", ".join(f"{pol} {v:.2%}" for pol, v in info["seeds_mean"].items()))
         for f in info["flat"]:
             print(f"  textbook single-tier cache of {f['capacity_gb']:.0f} GB (same trace, no store code): "
                   f"lru {f['lru']:.1%}, fifo {f['fifo']:.1%}")
