@@ -1,4 +1,5 @@
-"""``bench.py overlap``: does the layer-wise pipeline hide loading behind compute? full / load / new / sync / layered."""
+"""``bench.py overlap``: does the layer-wise pipeline hide loading behind compute? full / load / new / sync / layered /
+both / staged (restore started before the turn with ``store.stage``)."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
             forward(ids, None)
             if s is not warm:
                 s.close()
-        t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both")}
+        t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both", "staged")}
 
         def store_with(layerwise=True, restore_mode="load"):
             if args.tier == "dram":  # the warm store holds the record in DRAM: switch its options
@@ -150,6 +151,16 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
                 t[name].append(c.seconds)
                 if store is not warm:
                     store.close()
+            store = store_with(layerwise=True)
+            early = store.stage(model, sid, ids)  # restored while "the previous turn" runs, finished before the turn
+            early.wait_loaded()
+            with clock as c:
+                cache = store.cache_for(model, sid, ids)
+                forward(ids[:, cache.reused_tokens:], cache)
+            assert cache is early and cache.reused_tokens == hist
+            t["staged"].append(c.seconds)
+            if store is not warm:
+                store.close()
             store = store_with(layerwise=False)
             with clock as c:  # loading alone
                 cache = store.cache_for(model, sid, ids)
@@ -164,6 +175,7 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
         for k, v in t.items():
             row[k] = statistics.median(v) * 1e3
         row["layered_vs_max"] = row["layered"] / max(row["load"], row["new"])
+        row["staged_vs_new"] = row["staged"] / row["new"]
         row["sync_vs_layered"] = row["sync"] / row["layered"]
         row["full_vs_layered"] = row["full"] / row["layered"]
         rows.append(row)
@@ -223,5 +235,5 @@ def add_parser(sub) -> None:
     o.add_argument("--json", default=None)
 
 
-COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "layered_vs_max",
-           "sync_vs_layered", "full_vs_layered"]
+COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "staged",
+           "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered"]

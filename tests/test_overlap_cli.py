@@ -1,0 +1,25 @@
+"""``bench.py overlap`` end to end on a tiny random-weight Llama (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overlap_bench_writes_every_column(tmp_path):
+    out = tmp_path / "overlap.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "overlap", "--model", "llama-tiny",
+                        "--histories", "64", "--repeats", "1", "--decode-tokens", "2", "--decode-history", "32",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    for k in ("full", "load", "new", "sync", "layered", "both", "staged"):
+        assert row[k] > 0, k
+    assert row["staged_vs_new"] == row["staged"] / row["new"]
+    assert row["layered_vs_max"] == row["layered"] / max(row["load"], row["new"])
+    assert data["decode"]["tok_s_saving_on"] > 0 and data["decode"]["tok_s_saving_off"] > 0
