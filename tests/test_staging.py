@@ -145,3 +145,16 @@ def test_a_dropped_staged_miss_is_emptied_too(store_factory):
     assert staged.get_seq_length() == 12
     store.drop("new")
     assert staged.get_seq_length() == 0 and store.stats()["staged_dropped"] == 1
+
+
+def test_a_turn_staged_for_another_model_is_not_handed_over(store_factory):
+    model = tiny_model("llama")
+    other = tiny_model("llama", seed=1)  # same shapes, other weights
+    store = store_factory(restore_mode="load")
+    ids, rec = next_turn(model, store, 8)
+    staged = store.stage(model, "s", ids)
+    assert staged.reused_tokens == rec.num_tokens
+    cache = store.cache_for(other, "s", ids)
+    assert cache is not staged and cache.reused_tokens == 0  # the record is the other model's: a miss
+    assert staged._loader is None and store.stats()["staged_dropped"] == 1
+    compare(other, cache, ids)
