@@ -219,11 +219,6 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
         # not self.keys: that would wait for the restore that writes them
         return self.__dict__["_keys_"], self.__dict__["_values_"], self.raw_keys
 
-    def fill(self, keys, values, raw_keys) -> None:
-        self.__dict__["_keys_"].copy_(keys, non_blocking=True)  # not self.keys: that would wait for this fill
-        self.__dict__["_values_"].copy_(values, non_blocking=True)
-        self.raw_keys.copy_(raw_keys, non_blocking=True)
-
     def crop(self, tokens_to_remove: int) -> None:
         end_before = self.cumulative_length
         super().crop(tokens_to_remove)

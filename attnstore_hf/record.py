@@ -58,6 +58,25 @@ def _checksum_algo(head: dict) -> str:
     return head.get("checksum", "sha256") if head.get("format_version") == 2 else "sha256"
 
 
+def _header_len(first8: bytes, size: int) -> int:
+    """Length of the safetensors JSON header, from a record file's first 8 bytes (checked against its size)."""
+    if len(first8) < 8:
+        raise RecordError(f"record is truncated ({size} bytes)")
+    (hlen,) = struct.unpack("<Q", first8)
+    if hlen > size - 8:
+        raise RecordError("record is truncated: header runs past the end of the file")
+    return hlen
+
+
+def _parse_header(raw: bytes, expect_namespace: str | None, expect_session: str | None) -> tuple[dict, dict]:
+    """(tensor specs, verified attnstore header) from a record file's safetensors JSON header."""
+    specs = json.loads(raw)
+    meta = specs.pop("__metadata__", None) or {}
+    head = json.loads(meta["attnstore"])
+    _check_head(head, expect_namespace, expect_session)
+    return specs, head
+
+
 def _check_head(head: dict, expect_namespace: str | None, expect_session: str | None) -> None:
     """The checks of a record's JSON header (its tensors are checked against ``head["checksums"]`` separately)."""
     if head.get("magic") != MAGIC:
@@ -174,14 +193,8 @@ class SessionRecord:
                    expect_session: str | None = None) -> "SessionRecord":
         """Decode and verify a record. Any defect raises :class:`RecordError` (the store turns it into a miss)."""
         try:
-            if len(data) < 8:
-                raise RecordError(f"record is truncated ({len(data)} bytes)")
-            (hlen,) = struct.unpack("<Q", data[:8])
-            if hlen > len(data) - 8:
-                raise RecordError("record is truncated: header runs past the end of the file")
-            meta = json.loads(data[8 : 8 + hlen]).get("__metadata__") or {}
-            head = json.loads(meta["attnstore"])
-            _check_head(head, expect_namespace, expect_session)
+            hlen = _header_len(data[:8], len(data))
+            _, head = _parse_header(data[8 : 8 + hlen], expect_namespace, expect_session)
             tensors = st_load(data)
             sums = head["checksums"]
             if set(sums) != set(tensors):
@@ -250,18 +263,10 @@ class LazyRecord:
 
     def _open(self, expect_namespace, expect_session) -> None:
         size = os.fstat(self._f.fileno()).st_size
-        first = self._f.read(8)
-        if len(first) < 8:
-            raise RecordError(f"record is truncated ({size} bytes)")
-        (hlen,) = struct.unpack("<Q", first)
-        if hlen > size - 8:
-            raise RecordError("record is truncated: header runs past the end of the file")
-        raw = json.loads(self._f.read(hlen))
+        hlen = _header_len(self._f.read(8), size)
+        raw, head = _parse_header(self._f.read(hlen), expect_namespace, expect_session)
         self._base = 8 + hlen
         self.bytes_read = self._base  # header now, each layer's tensors as they are read
-        meta = raw.pop("__metadata__", None) or {}
-        head = json.loads(meta["attnstore"])
-        _check_head(head, expect_namespace, expect_session)
         self._specs = {}
         for name, spec in raw.items():
             dt = _ST_DTYPES.get(spec["dtype"])

@@ -88,7 +88,6 @@ class LayerLoader:
     def released(self) -> bool:
         return self._go.is_set()
 
-    @torch.no_grad()
     def _run_all(self) -> None:
         self._run(0, self._limit)
         self._go.wait()

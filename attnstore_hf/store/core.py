@@ -149,13 +149,19 @@ class AttentionStore:
         self._count("load_seconds", time.perf_counter() - t0)
         return rec, tier
 
-    def _open_disk(self, session_id: str, key: str, whole: bool) -> SessionRecord | None:
+    def _open_disk(self, session_id: str, key: str, whole: bool, touch: bool = True,
+                   admit=None) -> SessionRecord | None:
         """A disk record read straight into tensors: every layer read and verified now (``whole``), or only its
         header, with ``record._lazy`` reading the layers later (promoted to DRAM once all are verified).
-        ``None`` if absent or rejected."""
+        ``admit(record)``, if given, is asked once the header is verified (tensors not read yet): ``False``
+        leaves the file unread. ``None`` if absent, not admitted or rejected (a bad file is quarantined)."""
         try:
-            opened = self.disk.open_lazy(key, expect_namespace=self.namespace, expect_session=session_id)
+            opened = self.disk.open_lazy(key, touch=touch, expect_namespace=self.namespace,
+                                         expect_session=session_id)
             if opened is None:
+                return None
+            if admit is not None and not admit(opened.record):
+                opened.close()
                 return None
             if not whole:
                 opened.record._lazy = opened
@@ -248,9 +254,7 @@ class AttentionStore:
         self._check_open()
         session_id = _check_session_id(session_id)
         key = self._key(session_id)
-        old = self._unstage(key)
-        if old is not None:
-            self._discard(old)
+        self._drop_staged(key)
         if self.config.stage_sessions == 0:
             return self._lookup(model, session_id, input_ids)
         cache = self._lookup(model, session_id, input_ids, ahead=self.config.stage_layers)
@@ -266,6 +270,12 @@ class AttentionStore:
     def _unstage(self, key: str) -> AttentionStoreCache | None:
         with self._lock:
             return self._staged.pop(key, None)
+
+    def _drop_staged(self, key: str, unless: AttentionStoreCache | None = None) -> None:
+        """Discard the turn of ``key`` staged ahead, if any (``unless`` it is that cache)."""
+        staged = self._unstage(key)
+        if staged is not None and staged is not unless:
+            self._discard(staged)
 
     def _discard(self, cache: AttentionStoreCache) -> None:
         cache.discard()
@@ -514,9 +524,7 @@ class AttentionStore:
         t0 = time.perf_counter()
         head = self._record_head(session_id, cache, sequences)
         key = self._key(session_id)
-        staged = self._unstage(key)  # a turn of this session staged before this save: restored from the old record
-        if staged is not None and staged is not cache:
-            self._discard(staged)
+        self._drop_staged(key, unless=cache)  # a turn of this session staged before this save: the old record
         if not self.config.async_save:
             fut: Future = Future()
             rec = self._build_record(head, Snapshot(cache, self.config.codec))
@@ -706,21 +714,11 @@ class AttentionStore:
         try:
             if self.dram.contains(key):
                 return
-            try:  # read straight into tensors (no intermediate byte string), every layer verified
-                lazy = self.disk.open_lazy(key, touch=False, expect_namespace=self.namespace,
-                                           expect_session=session_id)
-                if lazy is None:
-                    return
-                try:
-                    if not self.dram.fits(lazy.record.nbytes, protect):
-                        return  # would push out a session nearer the head of the queue
-                    rec = lazy.materialize_all()
-                finally:
-                    lazy.close()
-            except RecordError as exc:
-                self._reject_disk(session_id, key, exc)
+            # not read at all if it would push out a session nearer the head of the queue
+            rec = self._open_disk(session_id, key, whole=True, touch=False,
+                                  admit=lambda r: self.dram.fits(r.nbytes, protect))
+            if rec is None:
                 return
-            self._count("bytes_read_disk", lazy.bytes_read)
             if self._put_dram(rec, protect=protect):
                 self._prefetched.add(key)
                 self._count("prefetches")
@@ -792,9 +790,7 @@ class AttentionStore:
         """Forget a session in every tier."""
         self.flush()
         key = self._key(_check_session_id(session_id))
-        staged = self._unstage(key)
-        if staged is not None:
-            self._discard(staged)
+        self._drop_staged(key)
         self._forget(key)
 
     def _forget(self, key: str) -> None:
