@@ -2,6 +2,7 @@
 there is (what a launch-bound GPU restore waits on before the forward can start).
 
     python scripts/restore_host_cost.py          # median ms of cache_for(), layer-wise restore off
+    python scripts/restore_host_cost.py --both   # also with layers restored in groups, as on an accelerator
 
 A random-weight model with Llama-3-8B's 32 layers and GQA (``llama3-8b-host`` of ``bench.py overlap``), a
 64-token record in DRAM, one torch thread. Run it on two commits to compare them.
@@ -10,11 +11,13 @@ A random-weight model with Llama-3-8B's 32 layers and GQA (``llama3-8b-host`` of
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 import warnings
 
 import torch
 
+import attnstore_hf.cache as cache_mod
 from attnstore_hf import AttentionStore, StoreConfig
 from attnstore_hf.cli.overlap import load_bench_model
 
@@ -30,15 +33,19 @@ def main() -> None:
         model(ids, past_key_values=cache, use_cache=True)
     store.save("s", cache, ids)
     turn = torch.cat([ids, ids[:, :4]], 1)
-    times = []
-    for _ in range(300):
-        t0 = time.perf_counter()
-        c = store.cache_for(model, "s", turn)
-        times.append(time.perf_counter() - t0)
-    assert c.reused_tokens == 64
-    med = statistics.median(times)
-    print(f"cache_for restoring 64 tokens into 32 layers: median {med * 1e3:.2f} ms ({med / 32 * 1e6:.0f} us a layer)")
-
+    grouped = ("--both" in sys.argv[1:]) and [False, True] or [False]
+    for group in grouped:
+        cache_mod.GROUP_DEVICES = ("cuda", "cpu") if group else ("cuda",)
+        times = []
+        for _ in range(300):
+            t0 = time.perf_counter()
+            c = store.cache_for(model, "s", turn)
+            times.append(time.perf_counter() - t0)
+        assert c.reused_tokens == 64
+        med = statistics.median(times)
+        how = "in groups (accelerator path)" if group else "layer by layer"
+        print(f"cache_for restoring 64 tokens into 32 layers, {how}: median {med * 1e3:.2f} ms "
+              f"({med / 32 * 1e6:.0f} us a layer)")
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,9 @@ def tiny_config(family: str, **overrides):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    layers = overrides.pop("num_hidden_layers", None)  # at construction: configs derive layer_types from it
+    if layers is not None:
+        common["num_hidden_layers"] = layers
     if family == "llama":
         cfg = tf.LlamaConfig(**common, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -36,7 +39,7 @@ def tiny_config(family: str, **overrides):
                                               "original_max_position_embeddings": 256})
     elif family == "gemma3":
         # sliding window (8) much shorter than the histories below; local and global RoPE thetas differ
-        cfg = tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 6, "num_key_value_heads": 1}, head_dim=16,
+        cfg = tf.Gemma3TextConfig(**{**common, "num_hidden_layers": layers or 6, "num_key_value_heads": 1}, head_dim=16,
                                   sliding_window=8, sliding_window_pattern=3)
     else:
         raise ValueError(family)

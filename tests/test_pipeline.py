@@ -92,7 +92,10 @@ def test_layers_wait_for_their_own_kv_and_compute_overlaps_loading(store_factory
     assert (first.logits[:, -1] - ref).abs().max().item() <= TOL
 
 
-def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_factory, monkeypatch, caplog):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_factory, monkeypatch, caplog, grouped):
+    if grouped:  # as on an accelerator: the third rotation is the group [2 3]'s
+        monkeypatch.setattr(cache_mod, "GROUP_DEVICES", ("cuda", "cpu"))
     model = tiny_model(family)
     store = store_factory(restore_mode="load", layerwise=True)
     out, rec = saved_turn(model, store, random_ids(50, 6))
@@ -111,7 +114,7 @@ def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_fact
         cache = store.cache_for(model, "s", ids)
         assert cache.reused_tokens == rec.num_tokens
         ours = compare(model, cache, ids)
-    assert "recomputing" in caplog.text
+    assert "recomputing" in caplog.text and cache.recomputed_tokens == rec.num_tokens
     monkeypatch.setattr(cache_mod, "apply_rope_into", real_rotate)
     # the turn's record is whole and right
     store.save("s", cache, ours.sequences)
@@ -207,6 +210,40 @@ def test_random_interleavings_of_many_sessions_stay_exact(store_factory):
         assert store.stats()["hits"] >= 8
 
 
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_grouped_restore_shares_blocks_and_is_exact(family, store_factory, monkeypatch, layerwise):
+    """The accelerator restore (consecutive full-attention layers in groups of 1, 1, 2, 4: one copy per tensor,
+    one kernel set per group), run here on the CPU: the layers of a group share one block, and every turn after
+    it, decode growing the buffers and the next save included, matches a recompute."""
+    monkeypatch.setattr(cache_mod, "GROUP_DEVICES", ("cuda", "cpu"))
+    model = tiny_model(family, num_hidden_layers=9)
+    store = store_factory(restore_mode="load", layerwise=layerwise)
+    ids = random_ids(40, 5)
+    for turn in range(3):
+        cache = store.cache_for(model, "s", ids)
+        if turn:
+            assert cache.reused_tokens == ids.shape[1] - 7  # the last reply token has no KV yet
+            cache.wait_loaded()
+            full = [i for i, lay in enumerate(cache.layers) if isinstance(lay, cache_mod.ChunkedLayer)]
+            block = {i: cache.layers[i]._k.untyped_storage().data_ptr() for i in full}
+            groups = {}
+            for i in full:
+                groups.setdefault(block[i], []).append(i)
+            if family != "gemma3":  # every layer is full attention: groups [0] [1] [2 3] [4 5 6 7] [8]
+                assert sorted(groups.values()) == [[0], [1], [2, 3], [4, 5, 6, 7], [8]]
+            else:  # sliding layers break the runs; no group spans one
+                assert all(g == list(range(g[0], g[-1] + 1)) for g in groups.values())
+        out = compare(model, cache, ids)
+        assert cache.recomputed_tokens == 0
+        store.save("s", cache, out.sequences)
+        ids = torch.cat([out.sequences, random_ids(6, 50 + turn)], dim=1)
+
+
+def test_group_starts():
+    assert sorted(cache_mod._group_starts(18)) == [0, 1, 2, 4, 8, 12, 16]
+    assert sorted(cache_mod._group_starts(3)) == [0, 1, 2]
+
+
 def test_cost_model_choices():
     cm = CostModel()
     mb = 1 << 20
@@ -265,7 +302,11 @@ def test_cuda_side_stream_restore_and_write_stream_save_are_exact(family, mode, 
         assert c2._loader is not None and c2._loader.stream is not None and not c2._loader.threaded
     rec = store.dram.peek(store._key("s"))
     assert all(lay.keys.is_pinned() for lay in rec.layers)
+    if mode == "load" and family != "gemma3":  # 4 full-attention layers restored as [0] [1] [2 3]
+        blocks = [lay._k.untyped_storage().data_ptr() for lay in c2.layers]
+        assert blocks[2] == blocks[3] and len(set(blocks)) == 3
     compare(model, c2, ids2)
+    assert c2.recomputed_tokens == 0  # every layer came from the side stream, none from a recovery
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from conftest import greedy, random_ids, saved_turn, tiny_model
@@ -158,3 +159,21 @@ def test_a_turn_staged_for_another_model_is_not_handed_over(store_factory):
     assert cache is not staged and cache.reused_tokens == 0  # the record is the other model's: a miss
     assert staged._loader is None and store.stats()["staged_dropped"] == 1
     compare(other, cache, ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stage_layers", [None, 1])
+def test_cuda_staged_turn_on_the_side_stream_is_exact(stage_layers, store_factory):
+    """On CUDA a staged restore is enqueued on the side stream (``stage_layers``: the rest once the turn starts);
+    the turn's forward waits per layer on the device, exact against a recompute."""
+    model = tiny_model("llama").cuda()
+    store = store_factory(restore_mode="load", layerwise=True, stage_layers=stage_layers)
+    out, rec = saved_turn(model, store, random_ids(50, 90).cuda())
+    ids = torch.cat([out.sequences, random_ids(6, 91).cuda()], dim=1)
+    staged = store.stage(model, "s", ids)
+    assert staged._loader is not None and staged._loader.stream is not None and not staged._loader.threaded
+    assert staged._loader.released == (stage_layers is None)
+    cache = store.cache_for(model, "s", ids)
+    assert cache is staged and cache._loader.released and cache.reused_tokens == rec.num_tokens
+    compare(model, cache, ids)

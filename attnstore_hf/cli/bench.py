@@ -507,8 +507,9 @@ def main(argv=None) -> int:
         cols = overlap.COLUMNS
         d = info["decode"]
         print(f"{info['device']}, {info['model']} {info['dtype']}, restored from {info['tier']}; times in ms")
-        print(f"decode after {d['history']} tokens: {d['tok_s_saving_off']:.1f} tok/s without saving, "
-              f"{d['tok_s_saving_on']:.1f} tok/s with asynchronous saving ({d['ratio']:.1%})")
+        print(f"decode after {d['history']} tokens, {d['turns']} turns of {d['tokens']} back to back: "
+              f"{d['tok_s_saving_off']:.1f} tok/s without saving, {d['tok_s_saving_on']:.1f} tok/s with each turn "
+              f"saved asynchronously ({d['ratio']:.1%})")
     elif args.cmd == "growth":
         rows = bench_growth(args)
         cols = ["prompt", "decode_steps", "dynamic_s", "chunked_s", "speedup", "dynamic_copied_mb"]

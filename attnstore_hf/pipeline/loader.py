@@ -15,7 +15,8 @@ class LoadError(RuntimeError):
 
 class LayerLoader:
     """Runs one job per layer, in layer order, ahead of the forward pass; :meth:`wait` blocks layer ``i``'s compute
-    until job ``i`` is done (the verbs of vLLM's KV connector: ``start`` / ``wait(layer)``).
+    until job ``i`` is done (the verbs of vLLM's KV connector: ``start`` / ``wait(layer)``). A job may be ``None``:
+    its layer was restored by the job before it (layers restored in a group).
 
     * CPU: a background thread runs the jobs; ``wait(i)`` waits for a per-layer ``threading.Event``.
     * CUDA: the jobs are enqueued at once on a side stream, one CUDA event recorded after each; ``wait(i)`` makes
@@ -100,6 +101,11 @@ class LayerLoader:
             job = self.jobs[i]
             if self._cancel:
                 self._errors[i] = LoadError("cancelled")
+                self._done[i].set()
+                continue
+            if job is None:  # restored by the job before it (a group of layers): done when that one is
+                if self.cuda:
+                    self._events[i] = self._events[i - 1]
                 self._done[i].set()
                 continue
             try:

@@ -319,7 +319,7 @@ class AttentionStore:
                 self._count("rejected_records")
                 self._release_lazy(rec)
                 rec = None
-        ids = user_ids[0].tolist()
+        ids = user_list = user_ids[0].tolist()
         # a record of a truncated conversation keeps the user's coordinates: map them to the kept tokens
         origin = rec.meta.get("origin_ids") if rec is not None else None
         if origin and ids[: len(origin)] == origin:
@@ -341,10 +341,13 @@ class AttentionStore:
         elif rec is not None:
             self._release_lazy(rec)
         reuse = keep.numel()
-        cache.input_ids = torch.tensor([ids], dtype=torch.long, device=user_ids.device)
-        cache.user_ids = user_ids[0].tolist()
-        if ids != cache.user_ids:
-            cache._expect_first = len(ids) - keep.numel()
+        cache.user_ids = user_list
+        if ids is user_list:  # no truncation, no mapping: the user's ids are the cache's (no host list to tensor)
+            cache.input_ids = user_ids.clone()
+        else:
+            cache.input_ids = torch.tensor([ids], dtype=torch.long, device=user_ids.device)
+            if ids != user_list:
+                cache._expect_first = len(ids) - keep.numel()
         if reuse > 0:
             cache.prefix_ids = ids[:reuse]
             cache.source = tier
