@@ -15,16 +15,16 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 step() { local limit=$1; shift; echo "== $(date +%T) $*"; timeout "$limit" "$@" 2>&1 | grep -v "overlap bench:"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-step 150 python3 scripts/bench.py overlap --device cuda --model llama3-8b --repeats "$REPEATS" \
+step 150 python3 scripts/bench.py overlap --device cuda --model llama3-8b --repeats "$REPEATS" --decode-tokens "${DECODE_TOKENS:-32}" \
   --json "$OUT/overlap_llama3-8b.json"
 step 90 python3 scripts/overlap_profile.py --device cuda --model llama3-8b --histories 1024 8192 --out "$OUT"
 step 90 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/
 if [ "${PART:-all}" != 1 ]; then  # PART=1: the first three steps only
-step 100 python3 scripts/bench.py overlap --device cuda --model llama2-7b --repeats "$REPEATS" \
+step 100 python3 scripts/bench.py overlap --device cuda --model llama2-7b --repeats "$REPEATS" --decode-tokens "${DECODE_TOKENS:-32}" \
   --json "$OUT/overlap_llama2-7b.json"
 step 60 python3 scripts/bench.py overlap --device cuda --model llama3-8b --tier disk --histories 8192 --repeats 3 \
   --decode-tokens 8 --json "$OUT/overlap_disk.json"
-step 30 python3 scripts/restore_host_cost.py  # the host side of a restore, on this machine's CPU
+step 30 python3 scripts/restore_host_cost.py --both  # the host side of a restore, on this machine's CPU
 fi
 echo "== $(date +%T) done"
 rm -f attnstore_hf/patches
