@@ -722,13 +722,15 @@ def _buffers(cache: AttentionStoreCache) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
-            total_len: int, *, layerwise: bool = False, before=None, ahead: int | None = None) -> bool:
+            total_len: int, *, layerwise: bool = False, before=None, ahead: int | None = None,
+            threaded: bool | None = None) -> bool:
     """Fill ``cache`` with the record tokens ``keep`` (indices, ascending), their keys rotated for ``positions``.
 
     Without truncation ``keep == positions == arange(reuse)``. With positional-encoding-decoupled truncation,
     ``keep`` skips the dropped tokens and ``positions`` re-embeds the kept ones contiguously. ``layerwise``: the
     layers are filled in the background, layer *i* before layer *i* computes (see :class:`LayerLoader`);
-    ``ahead``: only that many layers are loaded before the forward asks for them (a turn restored early).
+    ``ahead``: only that many layers are loaded before the forward asks for them (a turn restored early);
+    ``threaded``: issue the restore from the loader's thread on CUDA too (``None``: only to read the disk).
     Returns ``False`` (cache untouched) if a sliding layer does not hold what it needs.
     """
     jobs = restore_jobs(cache, model, record, keep, positions, total_len, before=before)
@@ -741,7 +743,7 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
             layer._waiter = lambda i=i: cache._wait_layer(i)
         # reading from disk happens on the loader's thread on CUDA too (it then enqueues on the side stream)
         cache._loader = LayerLoader(jobs, _device_dtype(model)[0], keepalive=record,
-                                    threaded=True if before is not None else None,
+                                    threaded=True if before is not None or threaded else None,
                                     ahead=ahead).start(_buffers(cache))
     else:
         for job in jobs:

@@ -93,6 +93,10 @@ class StoreConfig:
             oldest is dropped beyond that; 0 turns staging off). Each holds its restored KV on the device.
         stage_layers: layers a staged turn loads before it is served (``None``: all); the rest load once the turn
             asks for them, so a staged turn takes little transfer bandwidth from the turn being served.
+        restore_thread: on an accelerator, issue a layer-wise restore's copies and kernels from the loader thread
+            rather than from the thread calling ``cache_for`` (``False``: only a restore that must read the disk
+            uses the thread). The forward then starts at once and the two threads issue side by side; Python's
+            lock is released inside torch's operations.
     """
 
     dram_bytes: int | str | None = "2GB"
@@ -123,6 +127,7 @@ class StoreConfig:
     save_queue: int = 4
     stage_sessions: int = 2
     stage_layers: int | None = None
+    restore_thread: bool = False
 
     def __post_init__(self) -> None:
         self.dram_bytes = parse_size(self.dram_bytes, "dram_bytes")

@@ -5,7 +5,8 @@
 For each history length and each variant, the median of: host time of ``cache_for`` (no synchronisation), host time
 to issue the forward, and wall time until the device is idle. Variants: ``new`` (a resident cache: the
 forward alone), ``dynamic`` (the same forward on transformers' own ``DynamicCache``: what our cache and hooks
-add), ``sync`` (load, wait, forward), ``layered`` (our pipeline), ``staged`` (restored before the turn). With
+add), ``sync`` (load, wait, forward), ``layered`` (our pipeline), ``threaded`` (the same, the restore issued from the
+loader thread: ``StoreConfig.restore_thread``), ``staged`` (restored before the turn). With
 ``--out``, a ``torch.profiler`` table of one layered turn (self CPU time) is written there too.
 """
 
@@ -57,13 +58,13 @@ def main() -> None:
             forward(ids[:, :hist], c)
             store.save("s", c, ids[:, :hist]).result()
         del c
-        rows = {k: [] for k in ("new", "dynamic", "sync", "layered", "staged")}
+        rows = {k: [] for k in ("new", "dynamic", "sync", "layered", "threaded", "staged")}
 
         def turn(name):
             with torch.no_grad():
                 if name in ("new", "dynamic"):
                     if name == "new":
-                        store.config.layerwise = False
+                        store.config.layerwise, store.config.restore_thread = False, False
                         cache = store.cache_for(model, "s", ids)
                     else:
                         cache = DynamicCache(config=model.config)
@@ -72,7 +73,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     t1 = t0
                 elif name == "staged":
-                    store.config.layerwise = True
+                    store.config.layerwise, store.config.restore_thread = True, False
                     cache = store.stage(model, "s", ids)
                     cache.wait_loaded()
                     sync()
@@ -80,7 +81,8 @@ def main() -> None:
                     assert store.cache_for(model, "s", ids) is cache
                     t1 = time.perf_counter()
                 else:
-                    store.config.layerwise = name == "layered"
+                    store.config.layerwise = name in ("layered", "threaded")
+                    store.config.restore_thread = name == "threaded"
                     sync()
                     t0 = time.perf_counter()
                     cache = store.cache_for(model, "s", ids)

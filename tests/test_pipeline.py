@@ -287,10 +287,10 @@ def _cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["load", "both"])
-def test_cuda_side_stream_restore_and_write_stream_save_are_exact(family, mode, store_factory):
+@pytest.mark.parametrize("mode,threaded", [("load", False), ("load", True), ("both", False)])
+def test_cuda_side_stream_restore_and_write_stream_save_are_exact(family, mode, threaded, store_factory):
     model = tiny_model(family).cuda()
-    store = store_factory(restore_mode=mode, layerwise=True)
+    store = store_factory(restore_mode=mode, layerwise=True, restore_thread=threaded)
     ids = random_ids(120, 40).cuda()
     cache = store.cache_for(model, "s", ids)
     out = greedy(model, ids, cache)
@@ -299,7 +299,7 @@ def test_cuda_side_stream_restore_and_write_stream_save_are_exact(family, mode, 
     c2 = store.cache_for(model, "s", ids2)
     assert c2.reused_tokens == out.sequences.shape[1] - 1
     if mode == "load":
-        assert c2._loader is not None and c2._loader.stream is not None and not c2._loader.threaded
+        assert c2._loader is not None and c2._loader.stream is not None and c2._loader.threaded == threaded
     rec = store.dram.peek(store._key("s"))
     assert all(lay.keys.is_pinned() for lay in rec.layers)
     if mode == "load" and family != "gemma3":  # 4 full-attention layers restored as [0] [1] [2 3]

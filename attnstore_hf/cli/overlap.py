@@ -108,7 +108,8 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
 
     def store_for(**kw):
         return AttentionStore(StoreConfig(disk_dir=disk_dir, dram_bytes=dram, disk_bytes=None,
-                                          restore_mode=kw.pop("restore_mode", "load"), **kw))
+                                          restore_mode=kw.pop("restore_mode", "load"),
+                                          restore_thread=args.restore_thread, **kw))
 
     for hist in histories:
         ids = _ids(tok, hist + args.new, vocab, device)
@@ -183,7 +184,8 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
         clock.sync()
     bar.close()
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": args.model or "gemma3-270m",
-            "dtype": str(dtype).replace("torch.", ""), "tier": args.tier, "units": "ms"}
+            "dtype": str(dtype).replace("torch.", ""), "tier": args.tier, "units": "ms",
+            "restore_thread": args.restore_thread}
     info["decode"] = _decode_with_and_without_saving(model, tok, vocab, device, args, disk_dir)
     return rows, info
 
@@ -244,6 +246,8 @@ def add_parser(sub) -> None:
     o.add_argument("--decode-tokens", type=int, default=64)
     o.add_argument("--decode-history", type=int, default=1024)
     o.add_argument("--decode-turns", type=int, default=3, help="turns generated back to back per timed block")
+    o.add_argument("--restore-thread", action="store_true",
+                   help="issue the restore from the loader thread on CUDA too (StoreConfig.restore_thread)")
     o.add_argument("--json", default=None)
 
 
