@@ -300,13 +300,20 @@ def test_cuda_side_stream_restore_and_write_stream_save_are_exact(family, mode, 
     assert c2.reused_tokens == out.sequences.shape[1] - 1
     if mode == "load":
         assert c2._loader is not None and c2._loader.stream is not None and c2._loader.threaded == threaded
+        c2_stream = c2._loader.stream
     rec = store.dram.peek(store._key("s"))
     assert all(lay.keys.is_pinned() for lay in rec.layers)
     if mode == "load" and family != "gemma3":  # 4 full-attention layers restored as [0] [1] [2 3]
         blocks = [lay._k.untyped_storage().data_ptr() for lay in c2.layers]
         assert blocks[2] == blocks[3] and len(set(blocks)) == 3
-    compare(model, c2, ids2)
+    ours = compare(model, c2, ids2)
     assert c2.recomputed_tokens == 0  # every layer came from the side stream, none from a recovery
+    if mode == "load":  # restores share the process's restore stream (the allocator caches per stream)
+        store.save("s", c2, ours.sequences)
+        ids3 = torch.cat([ours.sequences, random_ids(3, 42).cuda()], dim=1)
+        c3 = store.cache_for(model, "s", ids3)
+        assert c3._loader is not None and c3._loader.stream is c2_stream
+        compare(model, c3, ids3)
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .streams import side_stream
 
 class LoadError(RuntimeError):
     """Restoring a layer failed (a corrupt tensor, an allocation failure): the cache recomputes instead."""
@@ -19,9 +20,10 @@ class LayerLoader:
     its layer was restored by the job before it (layers restored in a group).
 
     * CPU: a background thread runs the jobs; ``wait(i)`` waits for a per-layer ``threading.Event``.
-    * CUDA: the jobs are enqueued at once on a side stream, one CUDA event recorded after each; ``wait(i)`` makes
-      the *current* stream wait for event ``i`` (no host synchronisation). With ``threaded=True`` (jobs that
-      must first read a file) the jobs run in the thread and enqueue their device work on the side stream.
+    * CUDA: the jobs are enqueued at once on the process's restore stream (:func:`side_stream`), one CUDA event
+      recorded after each; ``wait(i)`` makes the *current* stream wait for event ``i`` (no host
+      synchronisation). With ``threaded=True`` (jobs that must first read a file) the jobs run in the thread
+      and enqueue their device work on that stream.
 
     What the jobs read stays referenced by the loader (``keepalive``) as long as the loader lives (the cache
     drops it once every layer was waited for), so nothing is freed or reused while a copy is in flight.
@@ -60,7 +62,7 @@ class LayerLoader:
         buffers): on CUDA their memory is not handed out again before the side stream is done with it."""
         self.t_start = time.perf_counter()
         if self.cuda:
-            self.stream = torch.cuda.Stream(device=self.device)
+            self.stream = side_stream(self.device, "restore")
             # the cache buffers were allocated on the current stream: the side stream writes them only after that
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             for t in written:
@@ -97,6 +99,13 @@ class LayerLoader:
 
     @torch.no_grad()
     def _run(self, lo: int, hi: int) -> None:
+        if self.cuda and lo < hi:
+            with torch.cuda.stream(self.stream):  # once for the range: the jobs enqueue on the side stream
+                self._run_jobs(lo, hi)
+        else:
+            self._run_jobs(lo, hi)
+
+    def _run_jobs(self, lo: int, hi: int) -> None:
         for i in range(lo, hi):
             job = self.jobs[i]
             if self._cancel:
@@ -109,14 +118,11 @@ class LayerLoader:
                 self._done[i].set()
                 continue
             try:
+                job()
                 if self.cuda:
-                    with torch.cuda.stream(self.stream):
-                        job()
-                        ev = torch.cuda.Event()
-                        ev.record(self.stream)
-                        self._events[i] = ev
-                else:
-                    job()
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                    self._events[i] = ev
             except BaseException as exc:  # reported to the layer that needs it, never lost
                 self._errors[i] = exc
                 self._cancel = True

@@ -7,6 +7,7 @@ import threading
 import torch
 
 from ..codec import encode
+from .streams import side_stream
 
 
 class Snapshot:
@@ -49,7 +50,7 @@ class Snapshot:
             out = []
             with torch.no_grad():
                 if self.device.type == "cuda":
-                    stream = torch.cuda.Stream(device=self.device)
+                    stream = side_stream(self.device, "save")
                     with torch.cuda.stream(stream):
                         stream.wait_event(self._ready)
                         for raw, values, _ in self.raws:
