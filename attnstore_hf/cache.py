@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -330,6 +332,7 @@ class AttentionStoreCache(Cache):
         self._snapshot = None                     # a pending asynchronous save reading this cache
         self.restore_plan: dict | None = None     # what cache_for chose for this turn: load / recompute / both
         self.recomputed_tokens = 0                # restored tokens recomputed after a failed layer-wise load
+        self.host_ms: dict[str, float] = {}       # host time of cache_for's phases, ms (where a lookup's time goes)
 
     # ---- layer-wise restore -------------------------------------------------------------------------------------
     def _wait_layer(self, layer_idx: int) -> None:
@@ -639,35 +642,43 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
         cos, sin = tables[patch.layer_types[group[0]]]
         first = p0 + positions.numel() - n
         cos, sin = cos[:, first:first + n], sin[:, first:first + n]
-        parts = [record.layers[i].parts() for i in group]
-        k0, v0 = parts[0]["k"][:, :, a:a + n], parts[0]["v"][:, :, a:a + n]
-        tk = torch.empty((len(group),) + tuple(k0.shape), dtype=dtype, device=device)
-        tv = torch.empty((len(group),) + tuple(v0.shape), dtype=dtype, device=device)
-        _copy_all(list(tk.unbind(0)) + list(tv.unbind(0)),
-                  [p["k"][:, :, a:a + n] for p in parts] + [p["v"][:, :, a:a + n] for p in parts])
+        layers = [record.layers[i] for i in group]
+        if a == 0 and n == layers[0].keys.shape[2]:  # whole layers (the usual case): no slicing
+            src_k, src_v = [lay.keys for lay in layers], [lay.values for lay in layers]
+        else:
+            src_k = [lay.keys[:, :, a:a + n] for lay in layers]
+            src_v = [lay.values[:, :, a:a + n] for lay in layers]
+        tk = torch.empty((len(group),) + tuple(src_k[0].shape), dtype=dtype, device=device)
+        tv = torch.empty((len(group),) + tuple(src_v[0].shape), dtype=dtype, device=device)
+        _copy_all(list(tk.unbind(0)) + list(tv.unbind(0)), src_k + src_v)
         rk_buf[:, :, :, :n].copy_(tk)
         v_buf[:, :, :, :n].copy_(tv)
         apply_rope_into(k_buf[:, :, :, :n], tk, cos, sin)
 
+    groupable = (into_cache and before is None and device.type in GROUP_DEVICES and pos_dev is None and contiguous
+                 and record.codec == "none")
+
     def signature(i, lay, work, local):
         """Layers with equal signatures (not None) can be restored in one group."""
-        if not (into_cache and before is None and device.type in GROUP_DEVICES and pos_dev is None and contiguous
-                and isinstance(work, ChunkedLayer) and record.codec == "none" and local.numel()):
+        n = local.numel()
+        if not (n and isinstance(work, ChunkedLayer)):
             return None
-        parts = lay.parts()
-        if parts["k"].dtype != dtype or parts["v"].dtype != dtype:
+        k, v = lay.keys, lay.values
+        if k.dtype != dtype or v.dtype != dtype:
             return None
-        a, n = int(local[0]), local.numel()
-        if not (parts["k"][:, :, a:a + n].is_contiguous() and parts["v"][:, :, a:a + n].is_contiguous()):
+        a = int(local[0])
+        if a == 0 and n == k.shape[2]:  # the whole stored layer (the usual case)
+            if not (k.is_contiguous() and v.is_contiguous()):
+                return None
+        elif not (k[:, :, a:a + n].is_contiguous() and v[:, :, a:a + n].is_contiguous()):
             return None
-        return patch.layer_types[i], tuple(parts["k"].shape[:2]) + tuple(parts["k"].shape[3:]), \
-            tuple(parts["v"].shape[:2]) + tuple(parts["v"].shape[3:]), a, n
+        return patch.layer_types[i], k.shape, v.shape, a, n
 
     groups: list[list[int]] = []
     starts = _group_starts(len(record.layers))
     prev = None
     for i, (lay, work, local) in enumerate(zip(record.layers, cache.layers, per_layer)):
-        sig = signature(i, lay, work, local)
+        sig = signature(i, lay, work, local) if groupable else None
         if sig is not None and sig == prev and i not in starts:
             groups[-1].append(i)
         else:
@@ -733,9 +744,11 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
     ``threaded``: issue the restore from the loader's thread on CUDA too (``None``: only to read the disk).
     Returns ``False`` (cache untouched) if a sliding layer does not hold what it needs.
     """
+    t0 = time.perf_counter()
     jobs = restore_jobs(cache, model, record, keep, positions, total_len, before=before)
     if jobs is None:
         return False
+    t1 = time.perf_counter()
     if layerwise:
         from .pipeline.loader import LayerLoader
 
@@ -749,4 +762,7 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
         for job in jobs:
             if job is not None:
                 job()
+    cache.host_ms.update(restore_setup=(t1 - t0) * 1e3, restore_issue=(time.perf_counter() - t1) * 1e3)
+    if layerwise and cache._loader.run_seconds is not None:
+        cache.host_ms["restore_jobs"] = cache._loader.run_seconds * 1e3
     return True

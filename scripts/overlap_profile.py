@@ -7,7 +7,10 @@ to issue the forward, and wall time until the device is idle. Variants: ``new`` 
 forward alone), ``dynamic`` (the same forward on transformers' own ``DynamicCache``: what our cache and hooks
 add), ``sync`` (load, wait, forward), ``layered`` (our pipeline), ``threaded`` (the same, the restore issued from the
 loader thread: ``StoreConfig.restore_thread``), ``staged`` (restored before the turn). With
-``--out``, a ``torch.profiler`` table of one layered turn (self CPU time) is written there too.
+``--out``, a ``torch.profiler`` table of one layered turn (self CPU time) is written there too. Then the host time
+of ``cache_for``'s phases (``AttentionStoreCache.host_ms``): prepare, find the record, match the ids, restore
+(of which: ``restore_setup`` sizing the cache and planning the jobs, ``restore_issue`` running or enqueuing them,
+``restore_jobs`` the jobs alone), finish.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def main() -> None:
             store.save("s", c, ids[:, :hist]).result()
         del c
         rows = {k: [] for k in ("new", "dynamic", "sync", "layered", "threaded", "staged")}
+        phases: dict = {}  # variant -> phase of cache_for -> host ms (AttentionStoreCache.host_ms)
 
         def turn(name):
             with torch.no_grad():
@@ -91,6 +95,9 @@ def main() -> None:
                 t2 = time.perf_counter()
                 sync()
                 t3 = time.perf_counter()
+            if name not in ("new", "dynamic", "staged"):
+                for k, v in cache.host_ms.items():
+                    phases.setdefault(name, {}).setdefault(k, []).append(v)
             return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t0) * 1e3
 
         for name in rows:  # warm-up
@@ -104,6 +111,9 @@ def main() -> None:
         for name, vals in rows.items():
             med = [statistics.median(v[i] for v in vals) for i in range(3)]
             print(f"{name:<9} {med[0]:>12.2f} {med[1]:>13.2f} {med[2]:>9.2f}")
+        print("host ms of cache_for's phases (medians): " + "; ".join(
+            f"{name}: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in ph.items())
+            for name, ph in phases.items()))
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])

@@ -36,16 +36,19 @@ def main() -> None:
     grouped = ("--both" in sys.argv[1:]) and [False, True] or [False]
     for group in grouped:
         cache_mod.GROUP_DEVICES = ("cuda", "cpu") if group else ("cuda",)
-        times = []
+        times, phases = [], {}
         for _ in range(300):
             t0 = time.perf_counter()
             c = store.cache_for(model, "s", turn)
             times.append(time.perf_counter() - t0)
+            for k, v in c.host_ms.items():
+                phases.setdefault(k, []).append(v)
         assert c.reused_tokens == 64
         med = statistics.median(times)
         how = "in groups (accelerator path)" if group else "layer by layer"
         print(f"cache_for restoring 64 tokens into 32 layers, {how}: median {med * 1e3:.2f} ms "
-              f"({med / 32 * 1e6:.0f} us a layer)")
+              f"({med / 32 * 1e6:.0f} us a layer); phases (ms): "
+              + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in phases.items()))
 
 if __name__ == "__main__":
     main()

@@ -239,6 +239,27 @@ def test_grouped_restore_shares_blocks_and_is_exact(family, store_factory, monke
         ids = torch.cat([out.sequences, random_ids(6, 50 + turn)], dim=1)
 
 
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_cache_for_reports_where_its_host_time_went(store_factory, layerwise):
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load", layerwise=layerwise)
+    miss = store.cache_for(model, "s", random_ids(30, 60))
+    assert set(miss.host_ms) == {"prepare", "find", "match", "restore", "finish"}  # nothing restored
+    out = greedy(model, miss.input_ids, miss)
+    store.save("s", miss, out.sequences).result()
+    ids = torch.cat([out.sequences, random_ids(4, 61)], dim=1)
+    t0 = time.perf_counter()
+    hit = store.cache_for(model, "s", ids)
+    wall = (time.perf_counter() - t0) * 1e3
+    ms = hit.host_ms
+    assert {"restore_setup", "restore_issue"} <= set(ms)
+    assert "restore_jobs" not in ms  # on a CPU a thread runs the jobs (on CUDA cache_for enqueues them: timed)
+    assert all(v >= 0 for v in ms.values())
+    assert ms["restore_setup"] + ms["restore_issue"] <= ms["restore"] + 1e-6
+    assert sum(ms[k] for k in ("prepare", "find", "match", "restore", "finish")) <= wall + 1e-6
+    compare(model, hit, ids)
+
+
 def test_group_starts():
     assert sorted(cache_mod._group_starts(18)) == [0, 1, 2, 4, 8, 12, 16]
     assert sorted(cache_mod._group_starts(3)) == [0, 1, 2]
@@ -301,6 +322,7 @@ def test_cuda_side_stream_restore_and_write_stream_save_are_exact(family, mode, 
     if mode == "load":
         assert c2._loader is not None and c2._loader.stream is not None and c2._loader.threaded == threaded
         c2_stream = c2._loader.stream
+        assert ("restore_jobs" in c2.host_ms) == (not threaded)  # enqueued by cache_for itself, and timed
     rec = store.dram.peek(store._key("s"))
     assert all(lay.keys.is_pinned() for lay in rec.layers)
     if mode == "load" and family != "gemma3":  # 4 full-attention layers restored as [0] [1] [2 3]

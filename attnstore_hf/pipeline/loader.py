@@ -52,6 +52,7 @@ class LayerLoader:
         self.stream = None
         self.t_start = self.t_end = None  # host wall clock of the loading (CPU); CUDA: see cuda_start/cuda_end
         self.cuda_start = self.cuda_end = None
+        self.run_seconds = None  # host time of running (on CUDA: enqueuing) the jobs in start(), without a thread
         self.on_done: Callable[["LayerLoader"], None] | None = None     # called once every layer was waited for
         self.on_failure: Callable[[BaseException], None] | None = None  # called after a recovery
         self.on_cancel: Callable[[], None] | None = None  # called when the restore is discarded unfinished
@@ -73,7 +74,9 @@ class LayerLoader:
             self._thread = threading.Thread(target=self._run_all, name="attnstore-loader", daemon=True)
             self._thread.start()
         else:
+            t0 = time.perf_counter()
             self._run(0, self._limit)
+            self.run_seconds = time.perf_counter() - t0
             if self._go.is_set():
                 self._finish()
         return self

@@ -291,6 +291,7 @@ class AttentionStore:
         self._wait_save(self._key(session_id))
         t_read = time.perf_counter()
         rec, tier = self.get_record(session_id, fingerprint, lazy=self.config.layerwise)
+        t_found = time.perf_counter()
         if rec is not None and tier != "redis" and self.redis is not None \
                 and rec.num_tokens < user_ids.shape[1] - 1 and rec.fingerprint == fingerprint:
             # the local copy may be stale (another replica served a later turn): a longer record may be shared
@@ -335,11 +336,13 @@ class AttentionStore:
             ids, keep, dropped = self._truncate(ids, reuse, limit)
             cache.truncated = dropped
         positions = torch.arange(keep.numel()) if self.config.truncation != "nkvt" else keep
+        t_match = time.perf_counter()
         if keep.numel():
             keep = self._restore(cache, model, rec, tier, keep, positions, len(ids), time.perf_counter() - t_read,
                                  ahead)
         elif rec is not None:
             self._release_lazy(rec)
+        t_restore = time.perf_counter()
         reuse = keep.numel()
         cache.user_ids = user_list
         if ids is user_list:  # no truncation, no mapping: the user's ids are the cache's (no host list to tensor)
@@ -358,6 +361,9 @@ class AttentionStore:
         else:
             self._count("misses")
         cache.load_seconds = time.perf_counter() - t0
+        cache.host_ms.update(prepare=(t_read - t0) * 1e3, find=(t_found - t_read) * 1e3,
+                             match=(t_match - t_found) * 1e3, restore=(t_restore - t_match) * 1e3,
+                             finish=(t0 + cache.load_seconds - t_restore) * 1e3)
         self._count("reused_tokens", reuse)
         self._count("prefilled_tokens", len(ids) - reuse)
         self._count("restore_seconds", cache.load_seconds)
