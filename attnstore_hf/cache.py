@@ -567,12 +567,15 @@ def _group_starts(n_layers: int) -> set[int]:
 
 
 def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
-                 total_len: int, *, into_cache: bool = True, out: list | None = None, before=None):
+                 total_len: int, *, into_cache: bool = True, out: list | None = None, before=None,
+                 defer_from: int | None = None, sizers: list | None = None):
     """One job per layer that restores the record tokens ``keep`` (indices, ascending), keys rotated for
     ``positions``. ``into_cache``: the cache layers are sized now (on the calling thread) and each job fills its
     layer; otherwise each job appends ``(keys, values, raw_keys)`` to ``out[i]``. ``None`` if a sliding layer
     lacks the window the kept tokens need. ``before(i)``, if given, runs first in job ``i`` (it reads and
-    verifies layer ``i`` of a record opened lazily from disk).
+    verifies layer ``i`` of a record opened lazily from disk). ``defer_from``: the cache buffers of layers from
+    that index on are not allocated now; a function per group that allocates them is appended to ``sizers``
+    (to run before those jobs: a turn restored ahead of time holds device memory only for the layers it loads).
 
     On the devices in :data:`GROUP_DEVICES`, a resident record's consecutive full-attention layers are restored
     in groups (see :data:`GROUP_LAYERS`): the group's first job does every layer of it and the others are
@@ -676,6 +679,8 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
 
     groups: list[list[int]] = []
     starts = _group_starts(len(record.layers))
+    if defer_from is not None:
+        starts.add(defer_from)  # no group spans the layers loaded ahead and the ones held back
     prev = None
     for i, (lay, work, local) in enumerate(zip(record.layers, cache.layers, per_layer)):
         sig = signature(i, lay, work, local) if groupable else None
@@ -685,42 +690,57 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
             groups.append([i])
         prev = sig
 
+    def size_group(group, holder):
+        """One block per buffer kind for the group; each layer's buffers are views of it."""
+        lay = record.layers[group[0]]
+        n = per_layer[group[0]].numel()
+        cap = max(n, total_len)
+        b, h, _, d = lay.keys.shape
+        k_buf = torch.empty((len(group), b, h, cap, d), dtype=dtype, device=device)
+        rk_buf = torch.empty_like(k_buf)
+        v_buf = torch.empty((len(group), b, lay.values.shape[1], cap, lay.values.shape[3]), dtype=dtype,
+                            device=device)
+        for j, i in enumerate(group):
+            cache.layers[i].adopt(n, k_buf[j], v_buf[j], rk_buf[j])
+        holder["bufs"] = (k_buf, v_buf, rk_buf)
+
+    def size_layer(i):
+        lay, work, local = record.layers[i], cache.layers[i], per_layer[i]
+        heads, dim = lay.keys.shape[1], lay.keys.shape[3]
+        like_k = torch.empty((1, heads, 0, dim), dtype=dtype, device=device)
+        like_v = torch.empty((1, lay.values.shape[1], 0, lay.values.shape[3]), dtype=dtype, device=device)
+        if isinstance(work, SlidingLayer):
+            work.prepare(local.numel(), like_k, like_v, cumulative_length=keep.numel())
+        else:
+            work.prepare(local.numel(), like_k, like_v, capacity=total_len)
+
     jobs = []
     for group in groups:
         if len(group) > 1:
-            lay = record.layers[group[0]]
-            n = per_layer[group[0]].numel()
-            cap = max(n, total_len)
-            b, h, _, d = lay.keys.shape
-            k_buf = torch.empty((len(group), b, h, cap, d), dtype=dtype, device=device)
-            rk_buf = torch.empty_like(k_buf)
-            v_buf = torch.empty((len(group), b, lay.values.shape[1], cap, lay.values.shape[3]), dtype=dtype,
-                                device=device)
-            for j, i in enumerate(group):
-                cache.layers[i].adopt(n, k_buf[j], v_buf[j], rk_buf[j])
-            jobs.append(lambda g=group, k=k_buf, v=v_buf, rk=rk_buf: group_job(g, k, v, rk))
+            holder: dict = {}
+            size = (lambda g=group, h=holder: size_group(g, h))
+            jobs.append(lambda g=group, h=holder: group_job(g, *h["bufs"]))
             jobs += [None] * (len(group) - 1)
+        else:
+            i = group[0]
+            size = (lambda i=i: size_layer(i)) if into_cache else None
+            lay, work, local = record.layers[i], cache.layers[i], per_layer[i]
+            jobs.append(lambda i=i, lay=lay, work=work, local=local: job(i, lay, work, local))
+        if size is None:
             continue
-        i = group[0]
-        lay, work, local = record.layers[i], cache.layers[i], per_layer[i]
-        if into_cache:
-            heads, dim = lay.keys.shape[1], lay.keys.shape[3]
-            like_k = torch.empty((1, heads, 0, dim), dtype=dtype, device=device)
-            like_v = torch.empty((1, lay.values.shape[1], 0, lay.values.shape[3]), dtype=dtype, device=device)
-            if isinstance(work, SlidingLayer):
-                work.prepare(local.numel(), like_k, like_v, cumulative_length=keep.numel())
-            else:
-                work.prepare(local.numel(), like_k, like_v, capacity=total_len)
-        jobs.append(lambda i=i, lay=lay, work=work, local=local: job(i, lay, work, local))
+        if defer_from is not None and group[0] >= defer_from:
+            sizers.append(size)  # sized when the held-back layers are released (the turn starts)
+        else:
+            size()
     if into_cache:
         cache.reused_tokens = keep.numel()
     return jobs
 
 
-def _buffers(cache: AttentionStoreCache) -> list[torch.Tensor]:
-    """The tensors a layer-wise restore writes."""
+def _buffers(cache: AttentionStoreCache, lo: int = 0) -> list[torch.Tensor]:
+    """The tensors a layer-wise restore writes (of layers ``lo`` on)."""
     out, seen = [], set()
-    for layer in cache.layers:
+    for layer in cache.layers[lo:]:
         names = ("_k", "_v", "_rk") if isinstance(layer, ChunkedLayer) else ("_keys_", "_values_", "raw_keys")
         for t in (layer.__dict__.get(n) for n in names):
             if isinstance(t, torch.Tensor):
@@ -745,7 +765,10 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
     Returns ``False`` (cache untouched) if a sliding layer does not hold what it needs.
     """
     t0 = time.perf_counter()
-    jobs = restore_jobs(cache, model, record, keep, positions, total_len, before=before)
+    defer = ahead if layerwise and ahead is not None and ahead < len(cache.layers) else None
+    sizers: list = []
+    jobs = restore_jobs(cache, model, record, keep, positions, total_len, before=before, defer_from=defer,
+                        sizers=sizers)
     if jobs is None:
         return False
     t1 = time.perf_counter()
@@ -754,10 +777,17 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
 
         for i, layer in enumerate(cache.layers):
             layer._waiter = lambda i=i: cache._wait_layer(i)
+
+        def size_held_back():
+            for size in sizers:
+                size()
+            return _buffers(cache, defer)
+
         # reading from disk happens on the loader's thread on CUDA too (it then enqueues on the side stream)
         cache._loader = LayerLoader(jobs, _device_dtype(model)[0], keepalive=record,
                                     threaded=True if before is not None or threaded else None,
-                                    ahead=ahead).start(_buffers(cache))
+                                    ahead=ahead, before_release=size_held_back if sizers else None)
+        cache._loader.start(_buffers(cache))
     else:
         for job in jobs:
             if job is not None:

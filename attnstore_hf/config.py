@@ -92,7 +92,8 @@ class StoreConfig:
         stage_sessions: turns :meth:`~attnstore_hf.AttentionStore.stage` may restore ahead of time at once (the
             oldest is dropped beyond that; 0 turns staging off). Each holds its restored KV on the device.
         stage_layers: layers a staged turn loads before it is served (``None``: all); the rest load once the turn
-            asks for them, so a staged turn takes little transfer bandwidth from the turn being served.
+            asks for them, so a staged turn takes little transfer bandwidth from the turn being served, and device
+            memory only for those layers (the others' buffers are allocated when the turn starts).
         restore_thread: on an accelerator, issue a layer-wise restore's copies and kernels from the loader thread
             rather than from the thread calling ``cache_for`` (``False``: only a restore that must read the disk
             uses the thread). The forward then starts at once and the two threads issue side by side; Python's

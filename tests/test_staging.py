@@ -55,6 +55,32 @@ def test_stage_layers_holds_back_the_rest_until_the_turn_starts(store_factory):
     compare(model, cache, ids)
 
 
+@pytest.mark.parametrize("family,grouped", [("llama", False), ("llama", True), ("gemma3", False)])
+def test_held_back_layers_take_no_cache_memory_until_the_turn_starts(family, grouped, store_factory, monkeypatch):
+    """The staged turn's "read buffer" is sized in layers: only the ``stage_layers`` it loads ahead hold device
+    memory; the others' buffers are allocated when the turn starts."""
+    import attnstore_hf.cache as cache_mod
+
+    if grouped:  # the accelerator path: no group spans the boundary
+        monkeypatch.setattr(cache_mod, "GROUP_DEVICES", ("cuda", "cpu"))
+    model = tiny_model(family, num_hidden_layers=9)
+    store = store_factory(restore_mode="load", stage_layers=3)
+    ids, rec = next_turn(model, store, 4)
+
+    def held(cache):
+        return sum(t.numel() * t.element_size() for t in cache_mod._buffers(cache))
+
+    staged = store.stage(model, "s", ids)
+    before = held(staged)
+    assert not any(layer.is_initialized for layer in staged.layers[3:])
+    assert all(layer.is_initialized for layer in staged.layers[:3])
+    cache = store.cache_for(model, "s", ids)
+    assert cache is staged and all(layer.is_initialized for layer in cache.layers)
+    after = held(cache)
+    assert 0 < before < after
+    compare(model, cache, ids)
+
+
 def test_a_changed_turn_is_restored_afresh(store_factory):
     """The user edited the message after the turn was staged: the staged cache is dropped, the turn restored."""
     model = tiny_model("gemma3")

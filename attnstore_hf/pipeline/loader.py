@@ -30,9 +30,12 @@ class LayerLoader:
     """
 
     def __init__(self, jobs: list[Callable[[], None]], device: torch.device, keepalive=None,
-                 threaded: bool | None = None, ahead: int | None = None):
+                 threaded: bool | None = None, ahead: int | None = None, before_release=None):
         """``ahead``: run only the first ``ahead`` jobs until :meth:`release` (a turn restored before it is served
-        loads that many layers in advance, the rest once the turn starts); ``None`` = all at once."""
+        loads that many layers in advance, the rest once the turn starts); ``None`` = all at once.
+        ``before_release``: called by :meth:`release` on the releasing thread before the held-back jobs run
+        (it allocates what they write, and returns those tensors)."""
+        self.before_release = before_release
         self.jobs = jobs
         self._go = threading.Event()
         self._limit = len(jobs) if ahead is None else max(0, min(int(ahead), len(jobs)))
@@ -85,6 +88,12 @@ class LayerLoader:
         """Load the layers held back by ``ahead`` (the turn is being served now). Idempotent."""
         if self._go.is_set():
             return
+        if self.before_release is not None:
+            written = self.before_release()  # on the current stream of the releasing thread
+            if self.cuda:
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                for t in written:
+                    t.record_stream(self.stream)
         self._go.set()
         if not self.threaded:
             self._run(self._limit, self.n)
