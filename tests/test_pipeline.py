@@ -274,13 +274,28 @@ def test_cost_model_choices():
     cm.observe_prefill(1000, 0.1)                    # 0.1 ms per token
     plan = cm.choose("disk", 100 * mb, 1000, "auto", accelerator=False)
     assert plan["choice"] == "recompute" and plan["predicted_load_s"] == pytest.approx(1.0)
-    plan = cm.choose("disk", 100 * mb, 1000, "auto", accelerator=True)
-    # both finish together: r * 0.1 ms == (1000 - r) * 1 ms  ->  r = 909
+    # a disk record is read and checked whole: recomputing part of it saves no reading, so never "both" there
+    assert cm.choose("disk", 100 * mb, 1000, "auto", accelerator=True)["choice"] == "recompute"
+    forced = cm.choose("disk", 100 * mb, 1000, "both", accelerator=True)
+    assert forced["choice"] == "both" and forced["predicted_both_s"] == pytest.approx(1.0)  # all of it is read
+    # a DRAM record can be loaded in part: both, split so both finish together
+    cm.observe_load("dram", 100 * mb, 1.0)           # a slow link, as slow as the disk above
+    plan = cm.choose("dram", 100 * mb, 1000, "auto", accelerator=True)
+    # r * 0.1 ms == (1000 - r) * 1 ms  ->  r = 909
     assert plan["choice"] == "both" and plan["split"] == 909
     assert plan["predicted_both_s"] < min(plan["predicted_load_s"], plan["predicted_recompute_s"])
-    cm.observe_load("dram", 100 * mb, 0.01)          # fast tier: load
-    assert cm.choose("dram", 100 * mb, 1000, "auto", accelerator=True)["choice"] == "load"
-    assert cm.choose("disk", 100 * mb, 1000, "auto", accelerator=True, can_split=False)["choice"] == "recompute"
+    assert cm.choose("dram", 100 * mb, 1000, "auto", accelerator=True, can_split=False)["choice"] == "recompute"
+    fast = CostModel()
+    fast.observe_prefill(1000, 0.1)
+    fast.observe_load("dram", 100 * mb, 0.01)        # fast tier: load
+    assert fast.choose("dram", 100 * mb, 1000, "auto", accelerator=True)["choice"] == "load"
+    # never slower than recompute (as predicted): loading predicted 1.3x the recompute -> recompute
+    near = CostModel()
+    near.observe_prefill(1000, 0.1)
+    near.observe_load("disk", 100 * mb, 0.13)
+    assert near.choose("disk", 100 * mb, 1000, "auto", accelerator=True)["choice"] == "recompute"
+    near.observe_load("disk", 100 * mb, 0.05)        # now predicted faster than recomputing: load
+    assert near.choose("disk", 100 * mb, 1000, "auto", accelerator=True)["choice"] == "load"
     assert cm.choose("disk", 100 * mb, 1000, "load", accelerator=True)["choice"] == "load"
     assert cm.choose("disk", 1000, 20, "both", accelerator=True)["choice"] == "load"  # too short to split
     # tiny restores are never measured (their time is overhead)

@@ -8,10 +8,15 @@ import threading
 _EMA = 0.3
 #: "both" is only worth its bookkeeping when each side gets at least this many tokens
 MIN_SPLIT = 32
-#: below this predicted time loading is kept (estimates of tiny restores are noise); and recompute must be
-#: predicted this many times faster than loading before auto gives up a stored prefix
+#: below this predicted time loading is kept (estimates of tiny restores are noise); above it auto recomputes
+#: when that is predicted faster than loading (x this margin: never slower than recompute, as predicted)
 MIN_DECISION_S = 0.02
-RECOMPUTE_MARGIN = 2.0
+RECOMPUTE_MARGIN = 1.0
+#: tiers whose records can be restored in part. Disk and Redis records are read and checked whole (a checksum
+#: covers a whole tensor), so recomputing the first tokens of one saves no reading: "both" is never better
+#: than loading there, and auto does not pick it (measured on an H100: a forced both from disk took 1.2 s,
+#: the recompute 0.26 s)
+PARTIAL_TIERS = frozenset({"dram"})
 #: restores smaller than this are not measured: their time is thread start-up and lock waits, not bandwidth
 MIN_MEASURED_BYTES = 1 << 20
 
@@ -19,11 +24,12 @@ MIN_MEASURED_BYTES = 1 << 20
 class CostModel:
     """Running estimates of how fast each tier restores a byte and how fast the model prefills a token.
 
-    ``choose`` compares ``load_s = bytes / bandwidth[tier]`` against ``recompute_s = tokens * seconds_per_token``.
-    ``both`` (the idea of Cake, arXiv 2410.03065) recomputes the first ``r`` tokens while the rest load, with ``r``
-    chosen so both finish together: ``r * s_tok = (tokens - r) * bytes_per_token / bandwidth``. It only pays
-    where loading and computing use different resources, so ``auto`` picks it on accelerators, not on a CPU
-    (where the loader's decoding and the model share the cores).
+    ``choose`` compares ``load_s = bytes / bandwidth[tier]`` against ``recompute_s = tokens * seconds_per_token``
+    and recomputes when that is predicted faster. ``both`` (the idea of Cake, arXiv 2410.03065) recomputes the
+    first ``r`` tokens while the rest load, with ``r`` chosen so both finish together:
+    ``r * s_tok = (tokens - r) * bytes_per_token / bandwidth``. It only pays where loading and computing use
+    different resources and the record can be loaded in part, so ``auto`` picks it on accelerators, for DRAM
+    records (:data:`PARTIAL_TIERS`), not on a CPU (where the loader's decoding and the model share the cores).
     """
 
     def __init__(self):
@@ -79,7 +85,7 @@ class CostModel:
         plan = {"choice": "load", "tier": tier, "tokens": tokens, "bytes": nbytes, "predicted_load_s": load_s,
                 "predicted_recompute_s": rec_s, "split": 0, "mode": mode}
         both_r = None
-        if load_s is not None and rec_s is not None and can_split:
+        if load_s is not None and rec_s is not None and can_split and tier in PARTIAL_TIERS:
             r = round(tokens * load_s / (load_s + rec_s))
             if MIN_SPLIT <= r <= tokens - MIN_SPLIT:
                 both_r = r
@@ -95,6 +101,7 @@ class CostModel:
                 plan["choice"] = "recompute"
         if plan["choice"] == "both":
             r = plan["split"]
-            plan["predicted_both_s"] = (max(r * self.s_per_token, (tokens - r) * nbytes / tokens / bw)
+            loaded = (tokens - r) / tokens if tier in PARTIAL_TIERS else 1.0  # whole-read tiers read it all
+            plan["predicted_both_s"] = (max(r * self.s_per_token, loaded * nbytes / bw)
                                         if load_s is not None and rec_s is not None else None)
         return plan
