@@ -274,6 +274,7 @@ def test_cost_model_choices():
     cm.observe_prefill(1000, 0.1)                    # 0.1 ms per token
     plan = cm.choose("disk", 100 * mb, 1000, "auto", accelerator=False)
     assert plan["choice"] == "recompute" and plan["predicted_load_s"] == pytest.approx(1.0)
+    assert plan["predicted_turn_s"] == pytest.approx({"load": 1.0, "recompute": 0.1})
     # a disk record is read and checked whole: recomputing part of it saves no reading, so never "both" there
     assert cm.choose("disk", 100 * mb, 1000, "auto", accelerator=True)["choice"] == "recompute"
     forced = cm.choose("disk", 100 * mb, 1000, "both", accelerator=True)
@@ -284,6 +285,7 @@ def test_cost_model_choices():
     # r * 0.1 ms == (1000 - r) * 1 ms  ->  r = 909
     assert plan["choice"] == "both" and plan["split"] == 909
     assert plan["predicted_both_s"] < min(plan["predicted_load_s"], plan["predicted_recompute_s"])
+    assert cm.choose("dram", 100 * mb, 1000, "auto", accelerator=False)["choice"] == "recompute"  # CPU: no both
     assert cm.choose("dram", 100 * mb, 1000, "auto", accelerator=True, can_split=False)["choice"] == "recompute"
     fast = CostModel()
     fast.observe_prefill(1000, 0.1)
@@ -301,6 +303,33 @@ def test_cost_model_choices():
     # tiny restores are never measured (their time is overhead)
     cm.observe_load("redis", 1000, 1.0)
     assert "redis" not in cm.bandwidth
+
+
+def test_cost_model_fits_a_launch_bound_prefill_and_picks_as_measured_on_an_h100():
+    """The numbers of an H100 run (Llama-3-8B shape, bf16): a 100-token forward takes ~30 ms however few its
+    tokens (launching kernels), 8,292 tokens ~258 ms. With the fitted line the choices are the fastest ones
+    measured: from page-locked DRAM load (layered 43 ms vs recompute 258), from a disk record in the page cache
+    recompute (257 ms vs a layer-wise load of 332)."""
+    cm = CostModel()
+    for _ in range(3):
+        cm.observe_prefill(100, 0.030)
+        cm.observe_prefill(8292, 0.258)
+    a, b = cm.prefill_line()
+    assert a == pytest.approx(0.0272, abs=1e-3) and b == pytest.approx(27.8e-6, rel=0.02)
+    kv = 1_073_741_824  # 8,192 tokens of Llama-3-8B KV in bf16
+    cm.observe_load("dram", kv, 0.027)
+    plan = cm.choose("dram", kv, 8192, "auto", accelerator=True, new_tokens=100)
+    assert plan["choice"] == "load" and plan["predicted_turn_s"]["load"] == pytest.approx(0.030, abs=1e-3)
+    cm.observe_load("disk", kv, 0.332)
+    plan = cm.choose("disk", kv, 8192, "auto", accelerator=True, new_tokens=100)
+    assert plan["choice"] == "recompute" and "both" not in plan["predicted_turn_s"]
+    # seen only 100-token forwards, the line goes through the origin (0.3 ms a token): 8,192 tokens are predicted
+    # at 2.5 s and the disk load is kept, until a longer forward shows the fixed part
+    short = CostModel()
+    short.observe_prefill(100, 0.030)
+    short.observe_load("disk", kv, 0.332)
+    assert short.prefill_line() == pytest.approx((0.0, 0.0003))
+    assert short.choose("disk", kv, 8192, "auto", accelerator=True, new_tokens=100)["choice"] == "load"
 
 
 def test_auto_reports_its_choice_and_learns(store_factory):

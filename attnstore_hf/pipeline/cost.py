@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 #: weight of a new measurement in the running averages
 _EMA = 0.3
@@ -17,24 +18,36 @@ RECOMPUTE_MARGIN = 1.0
 #: than loading there, and auto does not pick it (measured on an H100: a forced both from disk took 1.2 s,
 #: the recompute 0.26 s)
 PARTIAL_TIERS = frozenset({"dram"})
+#: prefill forwards the fit of the prefill time is made over
+PREFILL_SAMPLES = 32
 #: restores smaller than this are not measured: their time is thread start-up and lock waits, not bandwidth
 MIN_MEASURED_BYTES = 1 << 20
 
 
 class CostModel:
-    """Running estimates of how fast each tier restores a byte and how fast the model prefills a token.
+    """Running estimates of how fast each tier restores a byte and how long a prefill forward of n tokens takes;
+    per turn, a prediction of the turn's prefill time for each way to get the stored prefix back.
 
-    ``choose`` compares ``load_s = bytes / bandwidth[tier]`` against ``recompute_s = tokens * seconds_per_token``
-    and recomputes when that is predicted faster. ``both`` (the idea of Cake, arXiv 2410.03065) recomputes the
-    first ``r`` tokens while the rest load, with ``r`` chosen so both finish together:
-    ``r * s_tok = (tokens - r) * bytes_per_token / bandwidth``. It only pays where loading and computing use
-    different resources and the record can be loaded in part, so ``auto`` picks it on accelerators, for DRAM
-    records (:data:`PARTIAL_TIERS`), not on a CPU (where the loader's decoding and the model share the cores).
+    The prefill time is fitted as ``a + b * n`` over the recent forwards (``a``: what a forward costs however few
+    its tokens — on a GPU at ~100 tokens, mostly launching kernels; ``b``: seconds per token). For a turn with
+    ``T`` stored tokens and ``new`` new ones:
+
+    * load: ``max(load_s, P(new))`` layer-wise (the load hides behind the new tokens' forward), or
+      ``load_s + P(new)`` without; ``load_s = bytes / bandwidth[tier]``;
+    * recompute: ``P(T + new)``, one forward over everything;
+    * both (the idea of Cake, arXiv 2410.03065): the first ``r`` tokens recomputed in a forward of their own
+      while the rest load, ``r`` chosen so both finish together, then the new tokens:
+      ``max(P(r), (T - r) / T * load_s) + P(new)``. Only where loading and computing use different resources
+      (an accelerator, not a CPU where the loader and the model share the cores) and the record can be loaded
+      in part (:data:`PARTIAL_TIERS`).
+
+    ``auto`` takes the fastest prediction; loading while nothing is known yet or the load is tiny.
     """
 
     def __init__(self):
         self.bandwidth: dict[str, float] = {}    # tier -> bytes per second (restore, end to end)
-        self.s_per_token: float | None = None    # prefill seconds per token
+        self.s_per_token: float | None = None    # prefill seconds per token (running average, reported)
+        self._prefills: deque = deque(maxlen=PREFILL_SAMPLES)  # (tokens, seconds) of recent prefill forwards
         self._pending: list = []                 # (tier, nbytes, loader) measurements not resolved yet
         self._lock = threading.Lock()
 
@@ -60,6 +73,26 @@ class CostModel:
         s = seconds / tokens
         with self._lock:
             self.s_per_token = s if self.s_per_token is None else (1 - _EMA) * self.s_per_token + _EMA * s
+            self._prefills.append((tokens, seconds))
+
+    def prefill_line(self) -> tuple[float, float] | None:
+        """``(a, b)``: a prefill forward of ``n`` tokens is predicted to take ``a + b * n`` seconds. A least-squares
+        line through the recent forwards once their sizes differ by 2x or more (``a`` clamped at 0), else through
+        the origin; ``None`` before any forward was timed."""
+        with self._lock:
+            samples = list(self._prefills)
+        if not samples:
+            return None
+        xs = [t for t, _ in samples]
+        n = len(samples)
+        mx, my = sum(xs) / n, sum(y for _, y in samples) / n
+        if max(xs) >= 2 * min(xs):
+            sxx = sum((x - mx) ** 2 for x in xs)
+            b = sum((x - mx) * (y - my) for x, y in samples) / sxx
+            a = my - b * mx
+            if b > 0 and a >= 0:
+                return a, b
+        return 0.0, my / mx
 
     def _resolve(self) -> None:
         with self._lock:
@@ -75,33 +108,49 @@ class CostModel:
             self._pending.extend(keep[-16:])
 
     def choose(self, tier: str, nbytes: int, tokens: int, mode: str, accelerator: bool,
-               can_split: bool = True) -> dict:
-        """``{"choice", "predicted_load_s", "predicted_recompute_s", "split"}`` for restoring ``tokens`` tokens
-        (``nbytes`` bytes) from ``tier``. ``split`` = tokens recomputed first when the choice is ``both``."""
+               can_split: bool = True, new_tokens: int = 0, layerwise: bool = True) -> dict:
+        """How to restore ``tokens`` stored tokens (``nbytes`` bytes) from ``tier`` for a turn that then
+        prefills ``new_tokens``: ``{"choice": "load"|"recompute"|"both", "split", "predicted_load_s",
+        "predicted_recompute_s", "predicted_turn_s": {choice: seconds}, ...}``. ``split`` = tokens recomputed
+        first when the choice is ``both``; ``predicted_recompute_s`` is the stored tokens' own prefill."""
         self._resolve()
         bw = self.bandwidth.get(tier)
         load_s = nbytes / bw if bw else None
-        rec_s = tokens * self.s_per_token if self.s_per_token else None
+        line = self.prefill_line()
+
+        def prefill(n):
+            return line[0] + line[1] * n if n > 0 else 0.0
+
         plan = {"choice": "load", "tier": tier, "tokens": tokens, "bytes": nbytes, "predicted_load_s": load_s,
-                "predicted_recompute_s": rec_s, "split": 0, "mode": mode}
+                "predicted_recompute_s": prefill(tokens) if line else None, "split": 0, "mode": mode}
+        turn: dict[str, float] = {}
         both_r = None
-        if load_s is not None and rec_s is not None and can_split and tier in PARTIAL_TIERS:
-            r = round(tokens * load_s / (load_s + rec_s))
-            if MIN_SPLIT <= r <= tokens - MIN_SPLIT:
-                both_r = r
+        if load_s is not None and line is not None:
+            t_new = prefill(new_tokens)
+            turn["load"] = max(load_s, t_new) if layerwise else load_s + t_new
+            turn["recompute"] = prefill(tokens + new_tokens)
+            if can_split and tier in PARTIAL_TIERS and tokens >= 2 * MIN_SPLIT:
+                a, b = line  # a + b r = (1 - r / T) load_s: both halves finish together
+                r = round((load_s - a) / (b + load_s / tokens))
+                if MIN_SPLIT <= r <= tokens - MIN_SPLIT:
+                    both_r = r
+                    turn["both"] = max(prefill(r), (tokens - r) / tokens * load_s) + t_new
+            plan["predicted_turn_s"] = turn
         if mode == "recompute":
             plan["choice"] = "recompute"
         elif mode == "both":
             if can_split and tokens >= 2 * MIN_SPLIT:
                 plan["choice"], plan["split"] = "both", both_r if both_r is not None else tokens // 2
-        elif mode == "auto" and load_s is not None and rec_s is not None and load_s > MIN_DECISION_S:
-            if accelerator and both_r is not None and load_s > 0.5 * rec_s:
-                plan["choice"], plan["split"] = "both", both_r
-            elif rec_s * RECOMPUTE_MARGIN < load_s:
-                plan["choice"] = "recompute"
-        if plan["choice"] == "both":
+        elif mode == "auto" and turn and load_s > MIN_DECISION_S:
+            options = {k: v for k, v in turn.items() if k != "both" or accelerator}
+            best = min(options, key=options.get)
+            if best == "recompute" and turn["recompute"] * RECOMPUTE_MARGIN >= turn["load"]:
+                best = "load"
+            plan["choice"] = best
+            if best == "both":
+                plan["split"] = both_r
+        if plan["choice"] == "both" and load_s is not None and line is not None:
             r = plan["split"]
             loaded = (tokens - r) / tokens if tier in PARTIAL_TIERS else 1.0  # whole-read tiers read it all
-            plan["predicted_both_s"] = (max(r * self.s_per_token, loaded * nbytes / bw)
-                                        if load_s is not None and rec_s is not None else None)
+            plan["predicted_both_s"] = max(prefill(r), loaded * load_s)
         return plan

@@ -382,7 +382,7 @@ class AttentionStore:
         plain = bool(torch.equal(keep, torch.arange(n)) and torch.equal(positions, keep))
         cache._patch.read_timings()
         plan = self.cost.choose(tier, nbytes, n, self.config.restore_mode, accelerator=device.type != "cpu",
-                                can_split=plain)
+                                can_split=plain, new_tokens=max(total_len - n, 0), layerwise=self.config.layerwise)
         cache.restore_plan = plan
         self._count(f"restore_{plan['choice']}")
         t0 = time.perf_counter()
