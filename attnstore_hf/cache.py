@@ -12,7 +12,8 @@ from .patching import ModelPatch, patch_model
 from .codec import decode
 from .rope import apply_rope, apply_rope_into
 
-#: The working cache grows its buffers by at least this many tokens (then doubling): no copy per decode step.
+#: The working cache grows its buffers by at least this many tokens (then doubling): no copy per decode step; a
+#: prompt's prefill and a restore leave this many free for the reply.
 MIN_GROWTH = 256
 #: A restore from page-locked DRAM on an accelerator handles consecutive full-attention layers in groups: one
 #: host-to-device copy per layer tensor, then one set of kernels (copy into the cache, RoPE) per group rather
@@ -77,7 +78,9 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
         cap = self._k.shape[-2]
         if needed <= cap:
             return
-        new_cap = max(needed, cap * 2, cap + MIN_GROWTH)
+        # the first allocation (a prompt's prefill) keeps MIN_GROWTH tokens free for the reply: no copy of the whole
+        # history at the first decode step
+        new_cap = max(needed + (MIN_GROWTH if cap == 0 else 0), cap * 2, cap + MIN_GROWTH)
 
         def grow(buf, used):
             b, h, _, d = buf.shape
@@ -694,7 +697,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
         """One block per buffer kind for the group; each layer's buffers are views of it."""
         lay = record.layers[group[0]]
         n = per_layer[group[0]].numel()
-        cap = max(n, total_len)
+        cap = max(n, total_len) + MIN_GROWTH  # room for the reply, as _reserve leaves it
         b, h, _, d = lay.keys.shape
         k_buf = torch.empty((len(group), b, h, cap, d), dtype=dtype, device=device)
         rk_buf = torch.empty_like(k_buf)
@@ -712,7 +715,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
         if isinstance(work, SlidingLayer):
             work.prepare(local.numel(), like_k, like_v, cumulative_length=keep.numel())
         else:
-            work.prepare(local.numel(), like_k, like_v, capacity=total_len)
+            work.prepare(local.numel(), like_k, like_v, capacity=total_len + MIN_GROWTH)
 
     jobs = []
     for group in groups:

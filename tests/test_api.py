@@ -77,6 +77,21 @@ def test_chunked_layer_grows_in_chunks_not_per_step():
     assert layer.get_seq_length() == 2000 and layer.keys.shape[-2] == 2000
 
 
+def test_a_prefill_leaves_room_for_the_reply():
+    """The first MIN_GROWTH decode steps after a prompt's prefill copy nothing (no regrowth of the history)."""
+    layer = ChunkedLayer()
+    prompt = torch.randn(1, 2, 300, 8)
+    layer.update(prompt, prompt, raw_keys=prompt)
+    ptr = layer._k.data_ptr()
+    k = torch.randn(1, 2, 1, 8)
+    for _ in range(MIN_GROWTH):
+        layer.update(k, k, raw_keys=k)
+    assert layer._k.data_ptr() == ptr and layer.get_seq_length() == 300 + MIN_GROWTH
+    layer.update(k, k, raw_keys=k)
+    assert layer._k.data_ptr() != ptr  # then it grows
+    assert torch.equal(layer.keys[:, :, :300], prompt)
+
+
 def test_chunked_layer_matches_dynamic_layer_semantics():
     from transformers.cache_utils import DynamicLayer
 

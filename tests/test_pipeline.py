@@ -260,6 +260,23 @@ def test_cache_for_reports_where_its_host_time_went(store_factory, layerwise):
     compare(model, hit, ids)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_restored_cache_has_room_for_the_turn_and_its_reply(store_factory, monkeypatch, grouped):
+    """Restored buffers hold the history, the new tokens and MIN_GROWTH more: the turn's prefill and the reply's
+    first decode steps write in place (no copy of the whole history at the first decode step)."""
+    if grouped:
+        monkeypatch.setattr(cache_mod, "GROUP_DEVICES", ("cuda", "cpu"))
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load", layerwise=False)
+    out, rec = saved_turn(model, store, random_ids(60, 62))
+    ids = torch.cat([out.sequences, random_ids(7, 63)], dim=1)
+    cache = store.cache_for(model, "s", ids)
+    ptrs = [layer._k.data_ptr() for layer in cache.layers]
+    assert all(layer._k.shape[-2] == ids.shape[1] + cache_mod.MIN_GROWTH for layer in cache.layers)
+    compare(model, cache, ids)  # 7 new tokens + 5 generated
+    assert [layer._k.data_ptr() for layer in cache.layers] == ptrs
+
+
 def test_group_starts():
     assert sorted(cache_mod._group_starts(18)) == [0, 1, 2, 4, 8, 12, 16]
     assert sorted(cache_mod._group_starts(3)) == [0, 1, 2]
