@@ -458,3 +458,31 @@ def test_cuda_disk_record_streams_through_the_loader_thread(family, store_factor
     assert cache.source == "disk" and cache._loader.threaded and cache._loader.stream is not None
     compare(model, cache, ids)
     assert all(lay.keys.is_pinned() for lay in fresh.dram.peek(rec.key).layers)
+
+
+def test_exiting_while_restores_run_in_the_background_does_not_abort(tmp_path):
+    """A script that ends while loader threads still restore layers exits cleanly (a thread left inside a torch
+    operation at interpreter exit aborts the process: "terminate called without an active exception")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "quit_early.py"
+    script.write_text(
+        "import torch, transformers as tf\n"
+        "from attnstore_hf import AttentionStore, StoreConfig\n"
+        "cfg = tf.LlamaConfig(hidden_size=512, intermediate_size=512, num_hidden_layers=32, num_attention_heads=32,\n"
+        "                     num_key_value_heads=8, vocab_size=1000, max_position_embeddings=4096)\n"
+        "torch.manual_seed(0)\n"
+        "model = tf.LlamaForCausalLM(cfg).eval()\n"
+        "ids = torch.randint(8, 1000, (1, 2048), generator=torch.Generator().manual_seed(0))\n"
+        "store = AttentionStore(StoreConfig(disk_dir=None, restore_mode='load'))\n"
+        "with torch.no_grad():\n"
+        "    c = store.cache_for(model, 's', ids)\n"
+        "    model(ids, past_key_values=c, use_cache=True)\n"
+        "store.save('s', c, ids).result()\n"
+        "turn = torch.cat([ids, ids[:, :4]], 1)\n"
+        "caches = [store.cache_for(model, 's', turn) for _ in range(20)]  # restores still running at exit\n"
+        "print('done')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("done") and "terminate called" not in proc.stderr

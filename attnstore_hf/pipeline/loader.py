@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from typing import Callable
 
 import torch
 
 from .streams import side_stream
+
+#: loaders whose thread is running: stopped before the interpreter exits (a thread still inside a torch operation
+#: at exit aborts the process: "terminate called without an active exception")
+_running: "weakref.WeakSet[LayerLoader]" = weakref.WeakSet()
+_running_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_running_loaders() -> None:
+    with _running_lock:
+        loaders = list(_running)
+    for loader in loaders:
+        loader.cancel()
+
 
 class LoadError(RuntimeError):
     """Restoring a layer failed (a corrupt tensor, an allocation failure): the cache recomputes instead."""
@@ -75,6 +91,8 @@ class LayerLoader:
             self.cuda_start.record(self.stream)
         if self.threaded:
             self._thread = threading.Thread(target=self._run_all, name="attnstore-loader", daemon=True)
+            with _running_lock:
+                _running.add(self)
             self._thread.start()
         else:
             t0 = time.perf_counter()
@@ -104,10 +122,14 @@ class LayerLoader:
         return self._go.is_set()
 
     def _run_all(self) -> None:
-        self._run(0, self._limit)
-        self._go.wait()
-        self._run(self._limit, self.n)
-        self._finish()
+        try:
+            self._run(0, self._limit)
+            self._go.wait()
+            self._run(self._limit, self.n)
+            self._finish()
+        finally:
+            with _running_lock:
+                _running.discard(self)
 
     @torch.no_grad()
     def _run(self, lo: int, hi: int) -> None:
