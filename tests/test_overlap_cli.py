@@ -18,8 +18,9 @@ def test_overlap_bench_writes_every_column(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     (row,) = data["results"]
-    for k in ("full", "load", "new", "sync", "layered", "both", "staged"):
+    for k in ("full", "load", "new", "sync", "layered", "both", "staged", "auto"):
         assert row[k] > 0, k
+    assert row["auto_choice"] in ("load", "recompute", "both") and row["auto_vs_full"] == row["auto"] / row["full"]
     assert row["staged_vs_new"] == row["staged"] / row["new"]
     assert row["layered_vs_max"] == row["layered"] / max(row["load"], row["new"])
     assert data["decode"]["tok_s_saving_on"] > 0 and data["decode"]["tok_s_saving_off"] > 0

@@ -1,5 +1,5 @@
 """``bench.py overlap``: does the layer-wise pipeline hide loading behind compute? full / load / new / sync / layered /
-both / staged (restore started before the turn with ``store.stage``)."""
+both / staged (restore started before the turn with ``store.stage``) / auto (what the cost model picks)."""
 
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
             forward(ids, None)
             if s is not warm:
                 s.close()
-        t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both", "staged")}
+        t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both", "staged", "auto")}
+        choices = []  # what restore_mode="auto" picked, per repeat
 
         def store_with(layerwise=True, restore_mode="load"):
             if args.tier == "dram":  # the warm store holds the record in DRAM: switch its options
@@ -143,12 +144,15 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
                 forward(ids, None)
             t["full"].append(c.seconds)
             for name, kw in (("sync", {"layerwise": False}), ("layered", {"layerwise": True}),
-                             ("both", {"restore_mode": "both"})):
+                             ("both", {"restore_mode": "both"}), ("auto", {"restore_mode": "auto"})):
                 store = store_with(**kw)
                 with clock as c:
                     cache = store.cache_for(model, sid, ids)
                     forward(ids[:, cache.reused_tokens:], cache)
-                assert cache.reused_tokens == hist, (name, cache.reused_tokens)
+                if name == "auto":  # the cost model's pick, from what the store measured so far
+                    choices.append(cache.restore_plan["choice"])
+                else:
+                    assert cache.reused_tokens == hist, (name, cache.reused_tokens)
                 t[name].append(c.seconds)
                 if store is not warm:
                     store.close()
@@ -175,6 +179,8 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
         row = {"history": hist, "new_tokens": args.new, "tier": args.tier}
         for k, v in t.items():
             row[k] = statistics.median(v) * 1e3
+        row["auto_choice"] = max(set(choices), key=choices.count)
+        row["auto_vs_full"] = row["auto"] / row["full"]
         row["layered_vs_max"] = row["layered"] / max(row["load"], row["new"])
         row["staged_vs_new"] = row["staged"] / row["new"]
         row["sync_vs_layered"] = row["sync"] / row["layered"]
@@ -251,5 +257,5 @@ def add_parser(sub) -> None:
     o.add_argument("--json", default=None)
 
 
-COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "staged",
-           "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered"]
+COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "staged", "auto",
+           "auto_choice", "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered", "auto_vs_full"]
