@@ -23,7 +23,7 @@ def _stop_running_loaders() -> None:
     with _running_lock:
         loaders = list(_running)
     for loader in loaders:
-        loader.cancel()
+        loader.cancel(timeout=10.0)  # a read stuck on a dead disk does not hold the exit forever
 
 
 class LoadError(RuntimeError):
@@ -191,15 +191,16 @@ class LayerLoader:
     def finished(self) -> bool:
         return all(d.is_set() for d in self._done)
 
-    def cancel(self) -> None:
-        """Stop after the job in progress (its results are discarded by the caller)."""
+    def cancel(self, timeout: float | None = None) -> None:
+        """Stop after the job in progress (its results are discarded by the caller); waits for the thread (at
+        most ``timeout`` seconds)."""
         self._cancel = True
         if not self._go.is_set():  # held-back layers are never loaded: report them cancelled
             self._go.set()
             if not self.threaded:
                 self._run(self._limit, self.n)
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
 
     def seconds(self) -> float | None:
         """How long the loading took, once finished and without waiting (``None`` until then)."""
