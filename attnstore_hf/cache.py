@@ -550,15 +550,6 @@ def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """``dst[i].copy_(src[i], non_blocking=True)`` for every i, in one call where torch has one."""
-    if hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_(dst, src, non_blocking=True)
-    else:  # pragma: no cover - older torch
-        for d, s in zip(dst, src):
-            d.copy_(s, non_blocking=True)
-
-
 def _group_starts(n_layers: int) -> set[int]:
     """Indices where a restore group may start: 0, 1, 2, 4, then every :data:`GROUP_LAYERS`."""
     starts, i, k = set(), 0, 0
@@ -606,6 +597,15 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
     else:
         pos_dev = positions
 
+    def cos_sin(i, n):
+        """cos/sin of layer ``i``'s type for the last ``n`` kept positions (a layer may hold only the last ones)."""
+        cos, sin = tables[patch.layer_types[i]]
+        if pos_dev is None:
+            first = p0 + positions.numel() - n
+            return cos[:, first:first + n], sin[:, first:first + n]
+        pos = pos_dev[pos_dev.numel() - n:]
+        return cos[:, pos], sin[:, pos]
+
     def job(i, lay, work, local):
         if before is not None:
             before(i)
@@ -616,13 +616,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
         else:
             sel = local
         parts = lay.parts()
-        cos, sin = tables[patch.layer_types[i]]
-        if pos_dev is None:
-            first = p0 + positions.numel() - n
-            cos, sin = cos[:, first:first + n], sin[:, first:first + n]
-        else:
-            pos = pos_dev[pos_dev.numel() - n:]
-            cos, sin = cos[:, pos], sin[:, pos]
+        cos, sin = cos_sin(i, n)
         if into_cache:  # straight into the cache's buffers: pre-RoPE keys and values copied, keys rotated there
             k_dst, v_dst, rk_dst = work.targets()
             hk = hv = None
@@ -645,9 +639,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
         kernel set for the group. The same operations as :func:`job`, elementwise, so the result is identical."""
         n = per_layer[group[0]].numel()
         a = int(per_layer[group[0]][0])
-        cos, sin = tables[patch.layer_types[group[0]]]
-        first = p0 + positions.numel() - n
-        cos, sin = cos[:, first:first + n], sin[:, first:first + n]
+        cos, sin = cos_sin(group[0], n)
         layers = [record.layers[i] for i in group]
         if a == 0 and n == layers[0].keys.shape[2]:  # whole layers (the usual case): no slicing
             src_k, src_v = [lay.keys for lay in layers], [lay.values for lay in layers]
@@ -656,7 +648,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
             src_v = [lay.values[:, :, a:a + n] for lay in layers]
         tk = torch.empty((len(group),) + tuple(src_k[0].shape), dtype=dtype, device=device)
         tv = torch.empty((len(group),) + tuple(src_v[0].shape), dtype=dtype, device=device)
-        _copy_all(list(tk.unbind(0)) + list(tv.unbind(0)), src_k + src_v)
+        torch._foreach_copy_(list(tk.unbind(0)) + list(tv.unbind(0)), src_k + src_v, non_blocking=True)
         rk_buf[:, :, :, :n].copy_(tk)
         v_buf[:, :, :, :n].copy_(tv)
         apply_rope_into(k_buf[:, :, :, :n], tk, cos, sin)
@@ -757,14 +749,14 @@ def _buffers(cache: AttentionStoreCache, lo: int = 0) -> list[torch.Tensor]:
 @torch.no_grad()
 def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
             total_len: int, *, layerwise: bool = False, before=None, ahead: int | None = None,
-            threaded: bool | None = None) -> bool:
+            threaded: bool = False) -> bool:
     """Fill ``cache`` with the record tokens ``keep`` (indices, ascending), their keys rotated for ``positions``.
 
     Without truncation ``keep == positions == arange(reuse)``. With positional-encoding-decoupled truncation,
     ``keep`` skips the dropped tokens and ``positions`` re-embeds the kept ones contiguously. ``layerwise``: the
     layers are filled in the background, layer *i* before layer *i* computes (see :class:`LayerLoader`);
     ``ahead``: only that many layers are loaded before the forward asks for them (a turn restored early);
-    ``threaded``: issue the restore from the loader's thread on CUDA too (``None``: only to read the disk).
+    ``threaded``: issue the restore from the loader's thread on CUDA too (else only to read the disk).
     Returns ``False`` (cache untouched) if a sliding layer does not hold what it needs.
     """
     t0 = time.perf_counter()

@@ -228,7 +228,6 @@ def _decode_with_and_without_saving(model, tok, vocab, device, args, disk_dir) -
                 if r:  # the first round warms up
                     (on if saving else off).append(turns * args.decode_tokens / c.seconds)
                 del caches
-                store.flush()
                 for t in range(turns):
                     store.drop(f"turn{r}-{t}")
     return {"history": hist, "tokens": args.decode_tokens, "turns": turns,

@@ -46,7 +46,6 @@ class CostModel:
 
     def __init__(self):
         self.bandwidth: dict[str, float] = {}    # tier -> bytes per second (restore, end to end)
-        self.s_per_token: float | None = None    # prefill seconds per token (running average, reported)
         self._prefills: deque = deque(maxlen=PREFILL_SAMPLES)  # (tokens, seconds) of recent prefill forwards
         self._pending: list = []                 # (tier, nbytes, loader) measurements not resolved yet
         self._lock = threading.Lock()
@@ -70,10 +69,14 @@ class CostModel:
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        s = seconds / tokens
         with self._lock:
-            self.s_per_token = s if self.s_per_token is None else (1 - _EMA) * self.s_per_token + _EMA * s
             self._prefills.append((tokens, seconds))
+
+    @property
+    def s_per_token(self) -> float | None:
+        """Prefill seconds per further token (the fitted line's slope); ``None`` before any forward was timed."""
+        line = self.prefill_line()
+        return None if line is None else line[1]
 
     def prefill_line(self) -> tuple[float, float] | None:
         """``(a, b)``: a prefill forward of ``n`` tokens is predicted to take ``a + b * n`` seconds. A least-squares

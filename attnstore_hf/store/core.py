@@ -360,10 +360,11 @@ class AttentionStore:
                 self._count("partial_hits")
         else:
             self._count("misses")
-        cache.load_seconds = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        cache.load_seconds = t_end - t0
         cache.host_ms.update(prepare=(t_read - t0) * 1e3, find=(t_found - t_read) * 1e3,
                              match=(t_match - t_found) * 1e3, restore=(t_restore - t_match) * 1e3,
-                             finish=(t0 + cache.load_seconds - t_restore) * 1e3)
+                             finish=(t_end - t_restore) * 1e3)
         self._count("reused_tokens", reuse)
         self._count("prefilled_tokens", len(ids) - reuse)
         self._count("restore_seconds", cache.load_seconds)
@@ -399,7 +400,7 @@ class AttentionStore:
         else:
             ok = restore(cache, model, rec, keep, positions, total_len, layerwise=self.config.layerwise,
                          before=(lambda i: lazy.materialize(i, pin=device.type == "cuda")) if streamed else None,
-                         ahead=ahead, threaded=self.config.restore_thread or None)
+                         ahead=ahead, threaded=self.config.restore_thread)
         if not ok:
             log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", cache.session_id)
             self._release_lazy(rec)
