@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The oldest supported transformers (5.17, the GPU machine's) in its own .venv-5.17: the fast tests.
+# The fast tests again on the oldest supported transformers (5.17, the GPU machine's).
+# transformers (and the huggingface_hub it wants) is swapped inside .venv for the run and put back after it:
+# a second environment would hold a second copy of torch, and CI machines have been seen to run out of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv-5.17/bin/python ] || "$PY" -m venv .venv-5.17
-. .venv-5.17/bin/activate
+bash scripts/setup.sh
+. .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q torch==2.13.0
-python -m pip install -q 'transformers==5.17.0' -e '.[test,models,data]'
+restore() { python -m pip install -q --no-cache-dir -c constraints.txt -e '.[test,models,data]'; }
+trap restore EXIT
+python -m pip install -q --no-cache-dir 'transformers==5.17.0'
 python -c "import transformers; print('transformers', transformers.__version__)"
-python -m pytest -q -ra -m "not slow" -p no:cacheprovider
+python -m pytest -q -ra -m "not slow" -p no:cacheprovider "$@"
