@@ -72,6 +72,16 @@ def greedy(model, ids, cache=None, new=5):
                           do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
+def compare(model, cache, ids, tol=1e-4):
+    """generate() on ``cache`` (restored for ``cache.input_ids``) gives the recompute's tokens and logits."""
+    ours = greedy(model, cache.input_ids, cache)
+    ref = greedy(model, ids)
+    assert torch.equal(ours.sequences, ref.sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits))
+    assert diff <= tol, diff
+    return ours
+
+
 def saved_turn(model, store, ids, session="s"):
     """One turn through the store: restore, generate greedily, save. Returns (generate output, record)."""
     cache = store.cache_for(model, session, ids)

@@ -12,18 +12,10 @@ import torch
 
 import attnstore_hf.cache as cache_mod
 from attnstore_hf.pipeline.cost import CostModel
-from conftest import FAMILIES, greedy, random_ids, saved_turn, tiny_model
+from conftest import FAMILIES, compare, greedy, random_ids, saved_turn, tiny_model
 
 TOL = 1e-4
 
-
-def compare(model, cache, ids):
-    ours = greedy(model, cache.input_ids, cache)
-    ref = greedy(model, ids)
-    assert torch.equal(ours.sequences, ref.sequences)
-    diff = max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits))
-    assert diff <= TOL, diff
-    return ours
 
 
 @pytest.mark.parametrize("mode", ["load", "both", "recompute"])

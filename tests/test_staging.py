@@ -7,19 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import greedy, random_ids, saved_turn, tiny_model
-
-TOL = 1e-4
-
-
-def compare(model, cache, ids):
-    """generate() on the cache gives the recompute's logits."""
-    ours = greedy(model, cache.input_ids, cache)
-    ref = greedy(model, ids)
-    assert torch.equal(ours.sequences, ref.sequences)
-    for a, b in zip(ours.logits, ref.logits):
-        assert (a - b).abs().max().item() <= TOL
-    return ours
+from conftest import compare, random_ids, saved_turn, tiny_model
 
 
 def next_turn(model, store, seed, session="s", n=40):
