@@ -12,9 +12,12 @@ from .patching import ModelPatch, patch_model
 from .codec import decode
 from .rope import apply_rope, apply_rope_into
 
-#: The working cache grows its buffers by at least this many tokens (then doubling): no copy per decode step; a
-#: prompt's prefill and a restore leave this many free for the reply.
+#: The working cache grows its buffers by at least this many tokens (then by GROWTH_FACTOR): no copy per decode
+#: step; a prompt's prefill and a restore leave this many free for the reply.
 MIN_GROWTH = 256
+#: geometric growth past MIN_GROWTH: amortised O(n) copying, at most 50% of a long cache's buffers unused (doubling
+#: would leave up to 100%, and hold 3x the history while it copies)
+GROWTH_FACTOR = 1.5
 #: A restore from page-locked DRAM on an accelerator handles consecutive full-attention layers in groups: one
 #: host-to-device copy per layer tensor, then one set of kernels (copy into the cache, RoPE) per group rather
 #: than per layer, so the host issues ~3x fewer operations (an eager forward at ~100 new tokens is launch-bound,
@@ -56,7 +59,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
     """A full-attention layer whose keys, values and pre-RoPE keys live in buffers grown in chunks.
 
     ``DynamicLayer`` concatenates the whole history at every step (O(n^2) bytes copied over a reply); this layer
-    writes new tokens in place and grows geometrically (amortised O(n)). ``keys``/``values`` are views.
+    writes new tokens in place and grows geometrically (:data:`GROWTH_FACTOR`, amortised O(n)). ``keys``/``values`` are views.
     """
 
     def __init__(self, **kwargs):
@@ -80,7 +83,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
             return
         # the first allocation (a prompt's prefill) keeps MIN_GROWTH tokens free for the reply: no copy of the whole
         # history at the first decode step
-        new_cap = max(needed + (MIN_GROWTH if cap == 0 else 0), cap * 2, cap + MIN_GROWTH)
+        new_cap = max(needed + (MIN_GROWTH if cap == 0 else 0), int(cap * GROWTH_FACTOR), cap + MIN_GROWTH)
 
         def grow(buf, used):
             b, h, _, d = buf.shape

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import attnstore_hf
 from attnstore_hf import (AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError, parse_size,
                           patch_model, unpatch_model)
-from attnstore_hf.cache import MIN_GROWTH, ChunkedLayer
+from attnstore_hf.cache import GROWTH_FACTOR, MIN_GROWTH, ChunkedLayer
 from conftest import greedy, random_ids, tiny_model
 
 
@@ -69,12 +71,15 @@ def test_chunked_layer_grows_in_chunks_not_per_step():
     layer = ChunkedLayer()
     k = torch.randn(1, 2, 1, 8)
     ptrs = set()
-    for _ in range(2000):
+    for step in range(1, 5001):
         layer.update(k, k, raw_keys=k)
         ptrs.add(layer._k.data_ptr())
-    # 2000 steps, doubling from MIN_GROWTH: a handful of allocations, not 2000
-    assert len(ptrs) <= 1 + (2000 // MIN_GROWTH).bit_length()
-    assert layer.get_seq_length() == 2000 and layer.keys.shape[-2] == 2000
+        cap = layer._k.shape[-2]
+        # never more than GROWTH_FACTOR x what is used (or MIN_GROWTH more), never less than it
+        assert step <= cap <= max(step * GROWTH_FACTOR, step + MIN_GROWTH) + 1
+    # 5000 steps, growing by 1.5x from MIN_GROWTH: a handful of allocations, not 5000
+    assert len(ptrs) <= 2 + math.ceil(math.log(5000 / MIN_GROWTH, GROWTH_FACTOR))
+    assert layer.get_seq_length() == 5000 and layer.keys.shape[-2] == 5000
 
 
 def test_a_prefill_leaves_room_for_the_reply():
