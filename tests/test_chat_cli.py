@@ -27,12 +27,13 @@ def run_chat(tmp_path, lines):
 def test_second_process_resumes_and_answers_like_recompute(tmp_path):
     from attnstore_hf.models import load_model
 
-    first = run_chat(tmp_path, ["Hello! What is the capital of France?", "And of Italy?"])
-    assert [t["resumed_history_tokens"] for t in first] == [0, 0]
-    assert first[1]["restored"] > 0 and first[1]["source"] == "dram"
-    second = run_chat(tmp_path, ["Which of the two is larger?"])
+    first = run_chat(tmp_path, ["Hello! What is the capital of France?", "And of Italy?", "And of Spain?"])
+    assert [t["resumed_history_tokens"] for t in first] == [0, 0, 0]
+    for before, t in zip(first, first[1:]):  # every later turn restores the whole history before it
+        assert t["source"] == "dram" and t["restored"] == len(before["history_ids"]) - 1, t
+    second = run_chat(tmp_path, ["Which of them is largest?"])
     (t,) = second
-    history = first[1]["history_ids"]
+    history = first[-1]["history_ids"]
     assert t["resumed_history_tokens"] == len(history)  # the history came back from the first process's disk
     assert t["source"] == "disk" and t["restored"] == len(history) - 1
     model, tok = load_model(progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import threading
 import time
 
@@ -339,6 +340,35 @@ def test_cost_model_fits_a_launch_bound_prefill_and_picks_as_measured_on_an_h100
     short.observe_load("disk", kv, 0.332)
     assert short.prefill_line() == pytest.approx((0.0, 0.0003))
     assert short.choose("disk", kv, 8192, "auto", accelerator=True, new_tokens=100)["choice"] == "load"
+
+
+def test_a_cpu_loader_is_timed_by_its_work_not_by_what_it_waited_for():
+    """The time a CPU loader reports (and the cost model learns a tier's bandwidth from) is its thread's work:
+    not the wait for a turn restored ahead to start, not the wait for Python's lock while the caller runs
+    Python code (generate()'s set-up), which made 2 MB from DRAM look like 0.6 s and the next turn recompute."""
+    from attnstore_hf.pipeline.loader import LayerLoader
+
+    src = torch.randn(64, 1024)
+    dst = [torch.empty_like(src) for _ in range(8)]
+    jobs = [lambda d=d: [d.copy_(src) for _ in range(4)] for d in dst]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.02)  # each hand-over of the lock waits for the holder's 20 ms slice
+    try:
+        loader = LayerLoader(jobs, "cpu", ahead=4).start()
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:  # the caller runs Python code, holding the lock, then the turn starts
+            pass
+        time.sleep(0.2)
+        loader.wait_all()
+    finally:
+        sys.setswitchinterval(old)
+    assert all(torch.equal(d, src) for d in dst)
+    wall = loader.t_end - loader.t_start
+    assert wall >= 0.5  # it did wait: for the lock, and for the release of the held-back half
+    assert loader.seconds() == loader.cpu_seconds and loader.seconds() < 0.1, (loader.seconds(), wall)
+    cm = CostModel()
+    cm.observe_loader("dram", 8 * src.nbytes, 0.0, loader)
+    assert cm.bandwidth["dram"] >= 8 * src.nbytes / 0.1
 
 
 def test_auto_reports_its_choice_and_learns(store_factory):

@@ -10,6 +10,7 @@ import time
 import warnings
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from ..config import StoreConfig, default_disk_dir
@@ -23,6 +24,19 @@ DEMO_TURNS = [
 ]
 SYSTEM = "The following is a conversation between a curious user and a helpful, knowledgeable assistant.\n"
 COMMANDS = "/sessions  /reset  /stats  /quit"
+
+
+_STOPS: dict[int, tuple] = {}
+
+
+def stop_at_newline(tok) -> StoppingCriteriaList:
+    """generate()'s criterion for ending a reply at the end of its line, built once per tokenizer:
+    ``generate(stop_strings=..., tokenizer=...)`` builds it again at every call, which was 0.65 s of every turn's
+    time to first token with Gemma 3's 262k-token vocabulary (0.14 s with it built once)."""
+    held = _STOPS.get(id(tok))
+    if held is None or held[0] is not tok:
+        held = _STOPS[id(tok)] = (tok, StoppingCriteriaList([StopStringCriteria(tok, ["\n"])]))
+    return held[1]
 
 
 class _Stream(BaseStreamer):
@@ -96,7 +110,7 @@ def turn(model, tok, store, session: str, history: list[int], user: str, max_new
     ids = cache.input_ids  # the kept tokens + the new ones, if the conversation outgrew the window
     with torch.no_grad():
         out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                             stop_strings=["\n"], tokenizer=tok, streamer=stream)
+                             stopping_criteria=stop_at_newline(tok), streamer=stream)
     rec = store.save(session, cache, out).result()
     reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     per_token = rec.nbytes / max(rec.num_tokens, 1)
@@ -192,8 +206,8 @@ def run_demo(model, tok, store, args) -> int:
     ids = torch.tensor([history[: info["prompt_tokens"]]])
     stream = _Stream(tok, echo=False)
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, stop_strings=["\n"],
-                             tokenizer=tok, streamer=stream)
+        ref = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             stopping_criteria=stop_at_newline(tok), streamer=stream)
     ttft_ref = stream.first - stream.start
     same = ref[0].tolist() == history
     print(f"\nlast turn recomputed without the store: ttft {ttft_ref:.2f} s vs {info['ttft_s']:.2f} s restored "
