@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.jsonl)
+    stop_at_newline(tok)  # built now, not inside the first turn's time to first token
     store = AttentionStore(StoreConfig(dram_bytes=args.dram, disk_dir=args.disk_dir, namespace=args.namespace))
     try:
         if args.new or args.demo:
