@@ -20,8 +20,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 step 60 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/
 step 110 python3 scripts/overlap_profile.py --device cuda --model llama3-8b --histories 1024 2048 8192 \
   --repeats "$((REPEATS + 4))" --out "$OUT"
-step 150 python3 scripts/bench.py overlap --device cuda --model llama3-8b --repeats "$REPEATS" --decode-tokens "$DECODE" \
-  --json "$OUT/overlap_llama3-8b.json"
+# --group-layers: the layered turn also with groups of 16 layers (1, 1, 2, 16, 12: fewer operations to issue, a
+# longer first wait), interleaved with the default groups of 4
+step 170 python3 scripts/bench.py overlap --device cuda --model llama3-8b --repeats "$REPEATS" --decode-tokens "$DECODE" \
+  --group-layers "${GROUP_ALT:-16}" --json "$OUT/overlap_llama3-8b.json"
 if [ "${THREAD:-0}" = 1 ]; then  # the restore issued from the loader thread (measured slower on 2026-11-27)
   step 80 python3 scripts/bench.py overlap --device cuda --model llama3-8b --repeats "$REPEATS" --histories 1024 2048 \
     --decode-tokens 8 --restore-thread --json "$OUT/overlap_llama3-8b_thread.json"

@@ -14,7 +14,7 @@ def test_overlap_bench_writes_every_column(tmp_path):
     out = tmp_path / "overlap.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "overlap", "--model", "llama-tiny",
                         "--histories", "64", "--repeats", "1", "--decode-tokens", "2", "--decode-history", "32",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--group-layers", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     (row,) = data["results"]
@@ -23,4 +23,6 @@ def test_overlap_bench_writes_every_column(tmp_path):
     assert row["auto_choice"] in ("load", "recompute", "both") and row["auto_vs_full"] == row["auto"] / row["full"]
     assert row["staged_vs_new"] == row["staged"] / row["new"]
     assert row["layered_vs_max"] == row["layered"] / max(row["load"], row["new"])
+    assert row["layered_alt"] > 0 and row["group_layers_alt"] == 2 and data["group_layers_alt"] == 2
+    assert row["layered_alt_vs_max"] == row["layered_alt"] / max(row["load"], row["new"])
     assert data["decode"]["tok_s_saving_on"] > 0 and data["decode"]["tok_s_saving_off"] > 0

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .. import cache as cache_mod
 from ..config import StoreConfig
 from ..store import AttentionStore
 
@@ -131,6 +132,8 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
             if s is not warm:
                 s.close()
         t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both", "staged", "auto")}
+        if args.group_layers:
+            t["layered_alt"] = []
         choices = []  # what restore_mode="auto" picked, per repeat
 
         def store_with(layerwise=True, restore_mode="load"):
@@ -143,12 +146,21 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
             with clock as c:
                 forward(ids, None)
             t["full"].append(c.seconds)
-            for name, kw in (("sync", {"layerwise": False}), ("layered", {"layerwise": True}),
-                             ("both", {"restore_mode": "both"}), ("auto", {"restore_mode": "auto"})):
+            variants = [("sync", {"layerwise": False}), ("layered", {"layerwise": True}),
+                        ("both", {"restore_mode": "both"}), ("auto", {"restore_mode": "auto"})]
+            if args.group_layers:  # the same layered turn with another group size, interleaved with the rest
+                variants.insert(2, ("layered_alt", {"layerwise": True}))
+            for name, kw in variants:
                 store = store_with(**kw)
-                with clock as c:
-                    cache = store.cache_for(model, sid, ids)
-                    forward(ids[:, cache.reused_tokens:], cache)
+                group_layers = cache_mod.GROUP_LAYERS
+                if name == "layered_alt":
+                    cache_mod.GROUP_LAYERS = args.group_layers
+                try:
+                    with clock as c:
+                        cache = store.cache_for(model, sid, ids)
+                        forward(ids[:, cache.reused_tokens:], cache)
+                finally:
+                    cache_mod.GROUP_LAYERS = group_layers
                 if name == "auto":  # the cost model's pick, from what the store measured so far
                     choices.append(cache.restore_plan["choice"])
                 else:
@@ -182,6 +194,9 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
         row["auto_choice"] = max(set(choices), key=choices.count)
         row["auto_vs_full"] = row["auto"] / row["full"]
         row["layered_vs_max"] = row["layered"] / max(row["load"], row["new"])
+        if args.group_layers:
+            row["group_layers_alt"] = args.group_layers
+            row["layered_alt_vs_max"] = row["layered_alt"] / max(row["load"], row["new"])
         row["staged_vs_new"] = row["staged"] / row["new"]
         row["sync_vs_layered"] = row["sync"] / row["layered"]
         row["full_vs_layered"] = row["full"] / row["layered"]
@@ -191,7 +206,8 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
     bar.close()
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": args.model or "gemma3-270m",
             "dtype": str(dtype).replace("torch.", ""), "tier": args.tier, "units": "ms",
-            "restore_thread": args.restore_thread}
+            "restore_thread": args.restore_thread, "group_layers": cache_mod.GROUP_LAYERS,
+            "group_layers_alt": args.group_layers}
     info["decode"] = _decode_with_and_without_saving(model, tok, vocab, device, args, disk_dir)
     return rows, info
 
@@ -253,8 +269,14 @@ def add_parser(sub) -> None:
     o.add_argument("--decode-turns", type=int, default=3, help="turns generated back to back per timed block")
     o.add_argument("--restore-thread", action="store_true",
                    help="issue the restore from the loader thread on CUDA too (StoreConfig.restore_thread)")
+    o.add_argument("--group-layers", type=int, default=None,
+                   help="also time the layered turn with groups of this many layers (cache.GROUP_LAYERS; "
+                        "accelerators only), interleaved with the default: columns layered_alt, "
+                        "layered_alt_vs_max")
     o.add_argument("--json", default=None)
 
 
 COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "staged", "auto",
            "auto_choice", "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered", "auto_vs_full"]
+#: with --group-layers
+ALT_COLUMNS = ["layered_alt", "group_layers_alt", "layered_alt_vs_max"]
