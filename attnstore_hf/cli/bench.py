@@ -101,14 +101,18 @@ def bench_reuse(args) -> list[dict]:
             store.save(sid, cache, out)
         rec_path = os.path.join(disk_dir, session_key("default", sid) + ".safetensors")
         warm = AttentionStore(StoreConfig(disk_dir=disk_dir))
-        warm.cache_for(model, sid, ids)  # promote to DRAM
+        # promote to DRAM: a disk record streams in layer by layer and is promoted once every layer was read and
+        # verified, i.e. once the cache's layers were all waited for
+        warm.cache_for(model, sid, ids).wait_loaded()
         t_re, t_dram, t_disk, t_redis = [], [], [], []
 
         def restored_ttft(store, source, ref):
             t0 = time.perf_counter()
             c = store.cache_for(model, sid, ids)
             o, t = timed_generate(model, ids, c, t0=t0, **gen)
-            assert c.source == source and c.reused_tokens == hist and torch.equal(o, ref)
+            if not (c.source == source and c.reused_tokens == hist and torch.equal(o, ref)):
+                raise RuntimeError(f"expected {hist} tokens restored from {source}: got {c.reused_tokens} from "
+                                   f"{c.source} ({c.restore_plan}); same first token: {torch.equal(o, ref)}")
             return t
 
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every variant alike
