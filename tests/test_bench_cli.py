@@ -1,0 +1,60 @@
+"""``bench.py reuse``, ``remote`` and ``growth`` end to end. reuse and remote run the bundled model: every restored
+turn comes from the tier it is measured for, restores the whole history and gives the recompute's first token
+(the bench checks each run and fails otherwise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(tmp_path, cmd, *args):
+    out = tmp_path / f"{cmd}.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), cmd, *args, "--json", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text())["results"]
+
+
+def run_bench(tmp_path, cmd):
+    (row,) = bench(tmp_path, cmd, "--histories", "96", "--new", "8", "--repeats", "2")
+    assert row["history"] == 96 and row["new"] == 8
+    return row
+
+
+@pytest.mark.slow
+def test_reuse_bench_measures_each_tier(tmp_path):
+    row = run_bench(tmp_path, "reuse")
+    for k in ("ttft_recompute_s", "ttft_dram_s", "ttft_disk_s"):
+        assert row[k] > 0, k
+    assert row["speedup_dram"] == row["ttft_recompute_s"] / row["ttft_dram_s"]
+    assert row["record_mb"] > 0
+
+
+@pytest.mark.slow
+def test_remote_bench_reads_a_real_redis(tmp_path):
+    if shutil.which("redis-server") is None:  # the bench starts its own on loopback
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed: .ci/run must install it")
+        pytest.skip("redis-server is not installed")
+    row = run_bench(tmp_path, "remote")
+    assert row["ttft_redis_s"] > 0 and row["speedup_redis"] == row["ttft_recompute_s"] / row["ttft_redis_s"]
+
+
+def test_growth_bench_compares_both_layers(tmp_path):
+    rows = bench(tmp_path, "growth", "--steps", "8", "40", "--prompt", "16", "--head-dim", "8")
+    assert [r["decode_steps"] for r in rows] == [8, 40]
+    for r in rows:
+        assert r["dynamic_s"] > 0 and r["chunked_s"] > 0 and r["speedup"] == r["dynamic_s"] / r["chunked_s"]
+        # DynamicLayer copies the whole history at every step: K + V of prompt + i tokens, i = 1..steps
+        per_token = 2 * 1 * 8 * 4  # K and V, 1 head, head_dim 8, fp32
+        expected = sum(per_token * (16 + i) for i in range(1, r["decode_steps"] + 1)) / 1e6
+        assert r["dynamic_copied_mb"] == pytest.approx(expected, rel=0.05)
