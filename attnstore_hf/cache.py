@@ -59,7 +59,8 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
     """A full-attention layer whose keys, values and pre-RoPE keys live in buffers grown in chunks.
 
     ``DynamicLayer`` concatenates the whole history at every step (O(n^2) bytes copied over a reply); this layer
-    writes new tokens in place and grows geometrically (:data:`GROWTH_FACTOR`, amortised O(n)). ``keys``/``values`` are views.
+    writes new tokens in place and grows geometrically (:data:`GROWTH_FACTOR`, amortised O(n)). ``keys`` and
+    ``values`` are views.
     """
 
     def __init__(self, **kwargs):
