@@ -147,10 +147,9 @@ def bench_growth(args) -> list[dict]:
     rows = []
     for steps in args.steps:
         k = torch.randn(1, args.heads, 1, args.head_dim)
-        times = {}
-        for name, make in (("dynamic", DynamicLayer), ("chunked", ChunkedLayer)):
-            best = float("inf")
-            for _ in range(args.repeats):
+        times = {"dynamic": [], "chunked": []}
+        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike; medians
+            for name, make in (("dynamic", DynamicLayer), ("chunked", ChunkedLayer)):
                 layer = make()
                 prompt = torch.randn(1, args.heads, args.prompt, args.head_dim)
                 layer.update(prompt, prompt) if name == "dynamic" else layer.update(prompt, prompt, raw_keys=prompt)
@@ -160,8 +159,8 @@ def bench_growth(args) -> list[dict]:
                         layer.update(k, k)
                     else:
                         layer.update(k, k, raw_keys=k)
-                best = min(best, time.perf_counter() - t0)
-            times[name] = best
+                times[name].append(time.perf_counter() - t0)
+        times = {name: statistics.median(v) for name, v in times.items()}
         tok_bytes = 2 * args.heads * args.head_dim * 4
         n0 = args.prompt
         copied_dynamic = sum((n0 + i) * tok_bytes for i in range(1, steps + 1))  # whole K and V each step
