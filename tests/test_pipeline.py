@@ -342,6 +342,67 @@ def test_cost_model_fits_a_launch_bound_prefill_and_picks_as_measured_on_an_h100
     assert short.choose("disk", kv, 8192, "auto", accelerator=True, new_tokens=100)["choice"] == "load"
 
 
+def test_prefill_prediction_interpolates_between_the_sizes_seen():
+    cm = CostModel()
+    assert cm.prefill_seconds(100) is None
+    for n, t in ((100, 0.030), (100, 0.032), (1124, 0.036), (2148, 0.065), (8292, 0.258)):
+        cm.observe_prefill(n, t)
+    assert cm.prefill_seconds(100) == pytest.approx(0.031)  # the median at a size seen
+    assert cm.prefill_seconds(612) == pytest.approx(0.031 + 0.005 * 512 / 1024)  # between two sizes
+    a, b = cm.prefill_line()
+    assert a + b * 1124 > 1.3 * cm.prefill_seconds(1124) == pytest.approx(1.3 * 0.036)  # the line: far above
+    assert cm.prefill_seconds(16384) == pytest.approx(a + b * 16384)  # beyond the sizes seen: the line
+    assert cm.prefill_seconds(50) <= 0.031 and cm.prefill_seconds(0) == 0.0
+    noisy = CostModel()  # a short forward measured slower than a longer one: never predicted that way
+    for n, t in ((100, 0.049), (1124, 0.047), (4196, 0.125)):
+        noisy.observe_prefill(n, t)
+    assert noisy.prefill_seconds(1124) == pytest.approx(0.049)
+    assert noisy.prefill_seconds(600) == pytest.approx(0.049)
+
+
+def test_restore_host_time_counts_in_the_turn_as_measured_on_two_h100_hosts():
+    """Llama-3-8B shape, bf16, 100 new tokens, record in page-locked DRAM (docs/img/overlap_gpu_llama3-8b*.json).
+    Host B: the 100-token forward 48.8 ms, recomputing 1,124 tokens 46.7 ms, loading 1,024 tokens' KV 6.7 ms,
+    cache_for's host work 8 ms: the layered turn took 62.9 ms, so recomputing was faster; the old prediction
+    (the load alone against a line's 58 ms recompute) loaded. Host A: from 2,048 tokens on loading wins."""
+    kv_per_token = 131_072  # 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes
+    b = CostModel()
+    b.observe_prefill(100, 0.0488)
+    b.observe_prefill(1124, 0.0467)
+    b.observe_prefill(8292, 0.2576)
+    b.observe_load("dram", 1024 * kv_per_token, 0.0067)
+    plan = b.choose("dram", 1024 * kv_per_token, 1024, "auto", accelerator=True, new_tokens=100)
+    assert plan["choice"] == "load"  # nothing known of the restore's host work yet
+    b.observe_restore_host("dram", 0.008)
+    plan = b.choose("dram", 1024 * kv_per_token, 1024, "auto", accelerator=True, new_tokens=100)
+    assert plan["predicted_restore_host_s"] == 0.008
+    assert plan["predicted_turn_s"]["load"] == pytest.approx(0.008 + 0.0488)
+    assert plan["choice"] == "recompute"
+    a = CostModel()
+    for n, t in ((100, 0.0297), (1124, 0.0357), (2148, 0.0645), (4196, 0.1250), (8292, 0.2584)):
+        a.observe_prefill(n, t)
+    a.observe_load("dram", 1024 * kv_per_token, 0.0054)
+    a.observe_restore_host("dram", 0.0053)
+    for hist in (2048, 4096, 8192):
+        plan = a.choose("dram", hist * kv_per_token, hist, "auto", accelerator=True, new_tokens=100)
+        assert plan["choice"] == "load", (hist, plan)
+    # a sync restore's measured time already includes its host work: not added again
+    plan = a.choose("dram", 2048 * kv_per_token, 2048, "auto", accelerator=True, new_tokens=100, layerwise=False)
+    assert plan["predicted_restore_host_s"] == 0.0
+
+
+def test_the_store_measures_the_host_work_of_its_restores(store_factory):
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load", layerwise=True)
+    out, _ = saved_turn(model, store, random_ids(40, 80))
+    assert store.cost.restore_host_s == {}  # a miss restores nothing
+    ids = torch.cat([out.sequences, random_ids(5, 81)], dim=1)
+    cache = store.cache_for(model, "s", ids)
+    assert set(store.cost.restore_host_s) == {"dram"}
+    assert 0 < store.cost.restore_host_s["dram"] <= cache.host_ms["restore"] / 1e3
+    compare(model, cache, ids)
+
+
 def test_a_cpu_loader_is_timed_by_its_work_not_by_what_it_waited_for():
     """The time a CPU loader reports (and the cost model learns a tier's bandwidth from) is its thread's work:
     not the wait for a turn restored ahead to start, not the wait for Python's lock while the caller runs

@@ -344,6 +344,9 @@ class AttentionStore:
             self._release_lazy(rec)
         t_restore = time.perf_counter()
         reuse = keep.numel()
+        plan = cache.restore_plan
+        if reuse and self.config.layerwise and plan is not None and plan["choice"] == "load":
+            self.cost.observe_restore_host(tier, t_restore - t_match)  # comes before the forward: part of the turn
         cache.user_ids = user_list
         if ids is user_list:  # no truncation, no mapping: the user's ids are the cache's (no host list to tensor)
             cache.input_ids = user_ids.clone()
