@@ -353,6 +353,8 @@ def test_prefill_prediction_interpolates_between_the_sizes_seen():
     assert a + b * 1124 > 1.3 * cm.prefill_seconds(1124) == pytest.approx(1.3 * 0.036)  # the line: far above
     assert cm.prefill_seconds(16384) == pytest.approx(a + b * 16384)  # beyond the sizes seen: the line
     assert cm.prefill_seconds(50) <= 0.031 and cm.prefill_seconds(0) == 0.0
+    cm.observe_prefill(612, 0.050)  # a new forward: the prediction follows it at once
+    assert cm.prefill_seconds(612) == pytest.approx(0.050)
     noisy = CostModel()  # a short forward measured slower than a longer one: never predicted that way
     for n, t in ((100, 0.049), (1124, 0.047), (4196, 0.125)):
         noisy.observe_prefill(n, t)

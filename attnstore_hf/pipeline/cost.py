@@ -54,6 +54,8 @@ class CostModel:
         self.bandwidth: dict[str, float] = {}    # tier -> bytes per second (restore, end to end)
         self.restore_host_s: dict[str, float] = {}  # tier -> host seconds a layer-wise restore adds to its turn
         self._prefills: deque = deque(maxlen=PREFILL_SAMPLES)  # (tokens, seconds) of recent prefill forwards
+        self._fit = None  # (line, sizes, times) made from _prefills, until the next forward is observed
+        self._version = 0  # forwards observed so far
         self._pending: list = []                 # (tier, nbytes, loader) measurements not resolved yet
         self._lock = threading.Lock()
 
@@ -88,6 +90,7 @@ class CostModel:
             return
         with self._lock:
             self._prefills.append((tokens, seconds))
+            self._fit, self._version = None, self._version + 1
 
     @property
     def s_per_token(self) -> float | None:
@@ -99,10 +102,32 @@ class CostModel:
         """``(a, b)``: a prefill forward of ``n`` tokens is predicted to take ``a + b * n`` seconds. A least-squares
         line through the recent forwards once their sizes differ by 2x or more (``a`` clamped at 0), else through
         the origin; ``None`` before any forward was timed."""
+        fit = self._fitted()
+        return None if fit is None else fit[0]
+
+    def _fitted(self):
+        """``(line, sizes, times)`` of the recent forwards, made once per change (``cache_for`` asks several
+        times per turn, on the host time of the turn)."""
         with self._lock:
-            samples = list(self._prefills)
-        if not samples:
-            return None
+            fit, version = self._fit, self._version
+            samples = list(self._prefills) if fit is None else None
+        if fit is not None or not samples:
+            return fit
+        by_size: dict[int, list[float]] = {}
+        for tokens, seconds in samples:
+            by_size.setdefault(tokens, []).append(seconds)
+        sizes = sorted(by_size)
+        times = [statistics.median(by_size[k]) for k in sizes]
+        for i in range(1, len(times)):
+            times[i] = max(times[i], times[i - 1])
+        fit = (self._line(samples), sizes, times)
+        with self._lock:
+            if self._version == version:
+                self._fit = fit
+        return fit
+
+    @staticmethod
+    def _line(samples) -> tuple[float, float]:
         xs = [t for t, _ in samples]
         n = len(samples)
         mx, my = sum(xs) / n, sum(y for _, y in samples) / n
@@ -120,20 +145,12 @@ class CostModel:
         largest size's time above it, never above the smallest's below it). ``None`` before any forward was
         timed. A GPU's prefill time is far from a line — flat while launch-bound, then growing — so a line
         through 100- and 8,192-token forwards put 1,124 tokens at 58 ms where an H100 took 36."""
-        line = self.prefill_line()
-        if line is None:
+        fit = self._fitted()
+        if fit is None:
             return None
         if n <= 0:
             return 0.0
-        with self._lock:
-            samples = list(self._prefills)
-        by_size: dict[int, list[float]] = {}
-        for tokens, seconds in samples:
-            by_size.setdefault(tokens, []).append(seconds)
-        sizes = sorted(by_size)
-        times = [statistics.median(by_size[k]) for k in sizes]
-        for i in range(1, len(times)):
-            times[i] = max(times[i], times[i - 1])
+        line, sizes, times = fit
         lin = line[0] + line[1] * n
         if n > sizes[-1]:
             return max(lin, times[-1])
