@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -54,7 +55,8 @@ def main() -> None:
 
     for hist in args.histories:
         ids = _ids(tok, hist + args.new, vocab, args.device)
-        store = AttentionStore(StoreConfig(disk_dir=tempfile.mkdtemp(), dram_bytes="64GB", disk_bytes=None,
+        scratch = tempfile.mkdtemp(prefix="attnstore-profile-")
+        store = AttentionStore(StoreConfig(disk_dir=scratch, dram_bytes="64GB", disk_bytes=None,
                                            restore_mode="load", write_policy="write_back"))
         with torch.no_grad():
             c = store.cache_for(model, "s", ids[:, :hist])
@@ -126,6 +128,7 @@ def main() -> None:
                 f.write(f"\n== layered, history {hist}\n{table}\n== new, history {hist}\n")
                 f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
         store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from attnstore_hf import AttentionStore, StoreConfig
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated.*")
 
+ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 VOCAB = 160
 FIRST_SAFE_ID = 8  # ids below this are special (pad/bos/eos) in the tiny configs: random inputs avoid them
@@ -107,3 +112,16 @@ def store_factory(tmp_path):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def run_bench(tmp_path, *argv, timeout=900):
+    """``scripts/bench.py argv`` in a subprocess with a temporary directory of its own: it must exit 0 and leave
+    nothing there (a bench's records can be GBs; CI once ran out of disk)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *map(str, argv)], capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "TMPDIR": str(scratch)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]  # torch's own cache
+    assert not left, f"left in the temporary directory: {left}"
+    return r

@@ -7,24 +7,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_bench
 
 
 def bench(tmp_path, cmd, *args):
     out = tmp_path / f"{cmd}.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), cmd, *args, "--json", str(out)],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bench(tmp_path, cmd, *args, "--json", out)
     return json.loads(out.read_text())["results"]
 
 
-def run_bench(tmp_path, cmd):
+def ttft_row(tmp_path, cmd):
     (row,) = bench(tmp_path, cmd, "--histories", "96", "--new", "8", "--repeats", "2")
     assert row["history"] == 96 and row["new"] == 8
     return row
@@ -32,7 +27,7 @@ def run_bench(tmp_path, cmd):
 
 @pytest.mark.slow
 def test_reuse_bench_measures_each_tier(tmp_path):
-    row = run_bench(tmp_path, "reuse")
+    row = ttft_row(tmp_path, "reuse")
     for k in ("ttft_recompute_s", "ttft_dram_s", "ttft_disk_s"):
         assert row[k] > 0, k
     assert row["speedup_dram"] == row["ttft_recompute_s"] / row["ttft_dram_s"]
@@ -45,7 +40,7 @@ def test_remote_bench_reads_a_real_redis(tmp_path):
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed: .ci/run must install it")
         pytest.skip("redis-server is not installed")
-    row = run_bench(tmp_path, "remote")
+    row = ttft_row(tmp_path, "remote")
     assert row["ttft_redis_s"] > 0 and row["speedup_redis"] == row["ttft_recompute_s"] / row["ttft_redis_s"]
 
 

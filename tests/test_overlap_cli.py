@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_bench
 
 
 def test_overlap_bench_writes_every_column(tmp_path):
     out = tmp_path / "overlap.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "overlap", "--model", "llama-tiny",
-                        "--histories", "64", "--repeats", "1", "--decode-tokens", "2", "--decode-history", "32",
-                        "--group-layers", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bench(tmp_path, "overlap", "--model", "llama-tiny", "--histories", "64", "--repeats", "1", "--decode-tokens",
+              "2", "--decode-history", "32", "--group-layers", "2", "--json", out)
     data = json.loads(out.read_text())
     (row,) = data["results"]
     for k in ("full", "load", "new", "sync", "layered", "both", "staged", "auto"):

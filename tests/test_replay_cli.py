@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from conftest import run_bench
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def test_replay_every_mode_answers_like_recompute(tmp_path):
     out = tmp_path / "replay.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "replay", "--sessions", "3",
-                        "--max-turns", "3", "--user-cap", "48", "--reply-cap", "24", "--passes", "1",
-                        "--rate", "50", "--json", str(out)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_bench(tmp_path, "replay", "--sessions", "3", "--max-turns", "3", "--user-cap", "48", "--reply-cap", "24",
+              "--passes", "1", "--rate", "50", "--json", out)
     modes = json.loads(out.read_text())["modes"]
     assert set(modes) == {"recompute", "hf_dynamic", "attnstore_lru", "attnstore_scheduler",
                           "attnstore_scheduler_staged"}

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from attnstore_hf.sim import SimConfig, build_trace, load_turns, replay
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_bench
 
 
 def test_trace_is_well_formed():
@@ -39,12 +36,8 @@ def test_scheduler_aware_beats_lru_on_a_small_replay():
 
 def test_bench_sim_cli_writes_json(tmp_path):
     out = tmp_path / "sim.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "sim", "--sessions", "80",
-                        "--no-tokenizer",
-                        "--dram", "8GB", "--disk", "40GB", "--sweep", "4GB", "--disk-sweep", "80GB", "--seeds", "1",
-                        "--json", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    run_bench(tmp_path, "sim", "--sessions", "80", "--no-tokenizer", "--dram", "8GB", "--disk", "40GB", "--sweep", "4GB",
+              "--disk-sweep", "80GB", "--seeds", "1", "--json", out)
     data = json.loads(out.read_text())
     assert set(data["policies"]) == {"lru", "fifo", "scheduler"}
     for p in data["policies"].values():

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,6 @@ def _write_report(rows: list[dict], cols: list[str], path: str | None, extra: di
 
 def _start_redis():
     """A throw-away redis-server on a free loopback port (Debian package redis-server)."""
-    import shutil
     import socket
     import subprocess
 
@@ -76,8 +76,6 @@ def _drop_page_cache(path) -> None:
 
 # ---- reuse: TTFT recompute vs restored from DRAM vs restored from disk ------------------------------------------
 def bench_reuse(args) -> list[dict]:
-    from tqdm.auto import tqdm
-
     from ..data import sharegpt_text
     from ..models import load_model
 
@@ -87,6 +85,15 @@ def bench_reuse(args) -> list[dict]:
     if len(all_ids) < max(args.histories) + args.new:
         raise SystemExit("not enough ShareGPT text for the requested history")
     disk_dir = tempfile.mkdtemp(prefix="attnstore-bench-")
+    try:
+        return _bench_reuse(args, model, all_ids, disk_dir)
+    finally:  # the bench's records do not outlive it
+        shutil.rmtree(disk_dir, ignore_errors=True)
+
+
+def _bench_reuse(args, model, all_ids, disk_dir: str) -> list[dict]:
+    from tqdm.auto import tqdm
+
     gen = dict(max_new_tokens=1, do_sample=False)
     rows = []
     steps = tqdm(total=len(args.histories) * args.repeats, desc="reuse bench", unit="run")
@@ -319,10 +326,11 @@ def bench_replay(args) -> tuple[list[dict], dict]:
     bar = tqdm(total=args.passes * len(modes) * sum(len(t) for t in sessions), desc="replay", unit="turn")
     for p in range(args.passes):  # later passes reverse the order: drift of the machine hits every mode alike
         for mode in (modes if p % 2 == 0 else modes[::-1]):
-            store = None
+            store = scratch = None
             if mode.startswith("attnstore"):
+                scratch = tempfile.mkdtemp(prefix=f"attnstore-replay-{mode}-")
                 store = AttentionStore(StoreConfig(
-                    dram_bytes=parse_size(args.dram), disk_dir=tempfile.mkdtemp(prefix=f"replay-{mode}-"),
+                    dram_bytes=parse_size(args.dram), disk_dir=scratch,
                     disk_bytes=parse_size(args.disk), policy="scheduler" if "scheduler" in mode else "lru",
                     namespace=mode))
             loop = ServingLoop(model, mode, store)
@@ -343,6 +351,7 @@ def bench_replay(args) -> tuple[list[dict], dict]:
             if store is not None:
                 store.close()
                 all_stats[mode] = store.stats()
+                shutil.rmtree(scratch, ignore_errors=True)
     for mode in modes:
         rows = all_rows[mode]
         per_pass = len(rows) // args.passes

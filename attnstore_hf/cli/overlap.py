@@ -3,6 +3,7 @@ both / staged (restore started before the turn with ``store.stage``) / auto (wha
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import time
@@ -89,6 +90,14 @@ class _Clock:
 
 @torch.no_grad()
 def bench_overlap(args) -> tuple[list[dict], dict]:
+    disk_dir = tempfile.mkdtemp(prefix="attnstore-overlap-")
+    try:
+        return _bench_overlap(args, disk_dir)
+    finally:  # the records written (up to GBs for the 8B shapes) do not outlive the bench
+        shutil.rmtree(disk_dir, ignore_errors=True)
+
+
+def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
     device = args.device
@@ -98,7 +107,6 @@ def bench_overlap(args) -> tuple[list[dict], dict]:
     model, tok = load_bench_model(args.model, device, dtype)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     histories = args.histories or ([1024, 2048, 4096, 8192] if device == "cuda" else [1024, 2048, 4096])
-    disk_dir = tempfile.mkdtemp(prefix="attnstore-overlap-")
     dram = args.dram
     clock = _Clock(device)
     rows = []
