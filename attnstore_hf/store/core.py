@@ -344,9 +344,6 @@ class AttentionStore:
             self._release_lazy(rec)
         t_restore = time.perf_counter()
         reuse = keep.numel()
-        plan = cache.restore_plan
-        if reuse and self.config.layerwise and plan is not None and plan["choice"] == "load":
-            self.cost.observe_restore_host(tier, t_restore - t_match)  # comes before the forward: part of the turn
         cache.user_ids = user_list
         if ids is user_list:  # no truncation, no mapping: the user's ids are the cache's (no host list to tensor)
             cache.input_ids = user_ids.clone()
@@ -380,6 +377,7 @@ class AttentionStore:
         """Restore ``keep`` as the cost model picks (load / recompute / both); returns what was restored."""
         from ..pipeline.split import restore_both
 
+        t_begin = time.perf_counter()
         n = keep.numel()
         nbytes = int(rec.nbytes * n / max(rec.num_tokens, 1))
         device = next(model.parameters()).device
@@ -423,6 +421,8 @@ class AttentionStore:
             loader.on_done, loader.on_failure = done, failed
             if streamed:
                 loader.on_cancel = lambda rec=rec: self._release_lazy(rec)
+            if plan["choice"] == "load":  # this host work comes before the forward: part of the turn
+                self.cost.observe_restore_host(tier, time.perf_counter() - t_begin)
         elif streamed:
             self._finish_lazy(rec)
         if loader is None and plan["choice"] == "load":
