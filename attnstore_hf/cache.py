@@ -26,6 +26,12 @@ GROWTH_FACTOR = 1.5
 GROUP_LAYERS = 4
 #: devices on which restores are grouped (a CPU restore runs on a thread beside compute: per layer is cheaper)
 GROUP_DEVICES = ("cuda",)
+#: size groups by the turn's pace as well (see :func:`_group_starts`): when the forward is slower per layer than
+#: the load (a launch-bound forward over ~100 new tokens and a short history), later groups grow as large as the
+#: load can afford while staying ahead of compute, so the host issues fewer of them before the forward starts
+GROUP_PACING = True
+#: the share of the restore's own measured host time counted as a head start the load has on the forward
+PACING_HEAD_SHARE = 0.5
 
 
 class _WaitsForRestore:
@@ -554,19 +560,32 @@ def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _group_starts(n_layers: int) -> set[int]:
-    """Indices where a restore group may start: 0, 1, 2, 4, then every :data:`GROUP_LAYERS`."""
+def _group_starts(n_layers: int, pace: tuple[float, float] | None = None) -> set[int]:
+    """Indices where a restore group may start: 0, 1, 2, 4, then every :data:`GROUP_LAYERS` (the fixed schedule).
+
+    ``pace = (r, head)`` (from the cost model's plan, ``"pace"``): ``r`` = the forward's time per layer over the
+    load's, ``head`` = the host work between issuing the restore and starting the forward, over the whole load's
+    time (the load's head start; :data:`PACING_HEAD_SHARE` of it is counted). Layer ``j`` is needed about
+    ``H + j * r`` layers' worth of loading after the load began (``H = head * n_layers * share``), so a group that
+    starts at layer ``s`` may run up to layer ``H + s * r`` and still be in place when compute reaches its first
+    layer: groups grow geometrically (ratio ``r``). Never finer than the fixed schedule; with ``r <= 1`` (the load
+    is the slower side) and no head start, the fixed schedule itself.
+    """
     starts, i, k = set(), 0, 0
+    r, head = pace if pace is not None else (0.0, 0.0)
+    head *= n_layers * PACING_HEAD_SHARE
     while i < n_layers:
         starts.add(i)
-        i += (1, 1, 2)[k] if k < 3 else max(1, GROUP_LAYERS)
+        step = (1, 1, 2)[k] if k < 3 else max(1, GROUP_LAYERS)
+        reach = int(head + i * r) if i else 1  # the first layer is awaited whatever the pace: alone
+        i = max(i + step, reach)
         k += 1
     return starts
 
 
 def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
                  total_len: int, *, into_cache: bool = True, out: list | None = None, before=None,
-                 defer_from: int | None = None, sizers: list | None = None):
+                 defer_from: int | None = None, sizers: list | None = None, pace: tuple[float, float] | None = None):
     """One job per layer that restores the record tokens ``keep`` (indices, ascending), keys rotated for
     ``positions``. ``into_cache``: the cache layers are sized now (on the calling thread) and each job fills its
     layer; otherwise each job appends ``(keys, values, raw_keys)`` to ``out[i]``. ``None`` if a sliding layer
@@ -574,6 +593,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
     verifies layer ``i`` of a record opened lazily from disk). ``defer_from``: the cache buffers of layers from
     that index on are not allocated now; a function per group that allocates them is appended to ``sizers``
     (to run before those jobs: a turn restored ahead of time holds device memory only for the layers it loads).
+    ``pace``: see :func:`_group_starts` (grouped restores only).
 
     On the devices in :data:`GROUP_DEVICES`, a resident record's consecutive full-attention layers are restored
     in groups (see :data:`GROUP_LAYERS`): the group's first job does every layer of it and the others are
@@ -677,7 +697,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
         return patch.layer_types[i], k.shape, v.shape, a, n
 
     groups: list[list[int]] = []
-    starts = _group_starts(len(record.layers))
+    starts = _group_starts(len(record.layers), pace if GROUP_PACING else None)
     if defer_from is not None:
         starts.add(defer_from)  # no group spans the layers loaded ahead and the ones held back
     prev = None
@@ -753,21 +773,23 @@ def _buffers(cache: AttentionStoreCache, lo: int = 0) -> list[torch.Tensor]:
 @torch.no_grad()
 def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, positions: torch.Tensor,
             total_len: int, *, layerwise: bool = False, before=None, ahead: int | None = None,
-            threaded: bool = False) -> bool:
+            threaded: bool = False, pace: tuple[float, float] | None = None) -> bool:
     """Fill ``cache`` with the record tokens ``keep`` (indices, ascending), their keys rotated for ``positions``.
 
     Without truncation ``keep == positions == arange(reuse)``. With positional-encoding-decoupled truncation,
     ``keep`` skips the dropped tokens and ``positions`` re-embeds the kept ones contiguously. ``layerwise``: the
     layers are filled in the background, layer *i* before layer *i* computes (see :class:`LayerLoader`);
     ``ahead``: only that many layers are loaded before the forward asks for them (a turn restored early);
-    ``threaded``: issue the restore from the loader's thread on CUDA too (else only to read the disk).
+    ``threaded``: issue the restore from the loader's thread on CUDA too (else only to read the disk);
+    ``pace``: how fast compute goes through the layers against the load, to size restore groups (see
+    :func:`_group_starts`).
     Returns ``False`` (cache untouched) if a sliding layer does not hold what it needs.
     """
     t0 = time.perf_counter()
     defer = ahead if layerwise and ahead is not None and ahead < len(cache.layers) else None
     sizers: list = []
     jobs = restore_jobs(cache, model, record, keep, positions, total_len, before=before, defer_from=defer,
-                        sizers=sizers)
+                        sizers=sizers, pace=pace)
     if jobs is None:
         return False
     t1 = time.perf_counter()

@@ -20,10 +20,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 step 60 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/
 step 110 python3 scripts/overlap_profile.py --device cuda --model llama3-8b --histories 1024 2048 8192 \
   --repeats "$((REPEATS + 4))" --out "$OUT"
-# --group-layers: the layered turn also with groups of 16 layers (1, 1, 2, 16, 12: fewer operations to issue, a
-# longer first wait), interleaved with the default groups of 4
+# --fixed-groups: the layered turn also with the fixed restore groups (1, 1, 2, 4, 4, ...) instead of groups sized
+# by the turn's pace (cache.GROUP_PACING, new on 2026-11-27 and not measured on a GPU yet), interleaved
 step 170 python3 scripts/bench.py overlap --device cuda --model llama3-8b --repeats "$REPEATS" --decode-tokens "$DECODE" \
-  --group-layers "${GROUP_ALT:-16}" --json "$OUT/overlap_llama3-8b.json"
+  --fixed-groups --json "$OUT/overlap_llama3-8b.json"
 if [ "${THREAD:-0}" = 1 ]; then  # the restore issued from the loader thread (measured slower on 2026-11-27)
   step 80 python3 scripts/bench.py overlap --device cuda --model llama3-8b --repeats "$REPEATS" --histories 1024 2048 \
     --decode-tokens 8 --restore-thread --json "$OUT/overlap_llama3-8b_thread.json"
@@ -33,7 +33,7 @@ if [ "${PART:-all}" != 1 ]; then
     --decode-tokens "$DECODE" --json "$OUT/overlap_llama2-7b.json"
   step 60 python3 scripts/bench.py overlap --device cuda --model llama3-8b --tier disk --histories 8192 --repeats 3 \
     --decode-tokens 8 --json "$OUT/overlap_disk.json"
-  step 30 python3 scripts/restore_host_cost.py --both  # the host side of a restore, on this machine's CPU
+  step 30 python3 scripts/restore_host_cost.py --both --paced  # the host side of a restore, on this machine's CPU
 fi
 echo "== $(date +%T) done"
 rm -f attnstore_hf/patches

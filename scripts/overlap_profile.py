@@ -5,7 +5,8 @@
 For each history length and each variant, the median of: host time of ``cache_for`` (no synchronisation), host time
 to issue the forward, and wall time until the device is idle. Variants: ``new`` (a resident cache: the
 forward alone), ``dynamic`` (the same forward on transformers' own ``DynamicCache``: what our cache and hooks
-add), ``sync`` (load, wait, forward), ``layered`` (our pipeline), ``threaded`` (the same, the restore issued from the
+add), ``sync`` (load, wait, forward), ``layered`` (our pipeline), ``fixed`` (the same with the fixed restore groups,
+not sized by the turn's pace: ``cache.GROUP_PACING`` off), ``threaded`` (the same, the restore issued from the
 loader thread: ``StoreConfig.restore_thread``), ``staged`` (restored before the turn). With
 ``--out``, a ``torch.profiler`` table of one layered turn (self CPU time) is written there too. Then the host time
 of ``cache_for``'s phases (``AttentionStoreCache.host_ms``): prepare, find the record, match the ids, restore
@@ -25,6 +26,7 @@ import warnings
 
 import torch
 
+import attnstore_hf.cache as cache_mod
 from attnstore_hf import AttentionStore, StoreConfig
 from attnstore_hf.cli.overlap import _ids, load_bench_model
 
@@ -63,7 +65,7 @@ def main() -> None:
             forward(ids[:, :hist], c)
             store.save("s", c, ids[:, :hist]).result()
         del c
-        rows = {k: [] for k in ("new", "dynamic", "sync", "layered", "threaded", "staged")}
+        rows = {k: [] for k in ("new", "dynamic", "sync", "layered", "fixed", "threaded", "staged")}
         phases: dict = {}  # variant -> phase of cache_for -> host ms (AttentionStoreCache.host_ms)
 
         def turn(name):
@@ -87,8 +89,9 @@ def main() -> None:
                     assert store.cache_for(model, "s", ids) is cache
                     t1 = time.perf_counter()
                 else:
-                    store.config.layerwise = name in ("layered", "threaded")
+                    store.config.layerwise = name in ("layered", "fixed", "threaded")
                     store.config.restore_thread = name == "threaded"
+                    cache_mod.GROUP_PACING = name != "fixed"
                     sync()
                     t0 = time.perf_counter()
                     cache = store.cache_for(model, "s", ids)
@@ -97,6 +100,7 @@ def main() -> None:
                 t2 = time.perf_counter()
                 sync()
                 t3 = time.perf_counter()
+            cache_mod.GROUP_PACING = True
             if name not in ("new", "dynamic", "staged"):
                 for k, v in cache.host_ms.items():
                     phases.setdefault(name, {}).setdefault(k, []).append(v)

@@ -275,6 +275,59 @@ def test_group_starts():
     assert sorted(cache_mod._group_starts(3)) == [0, 1, 2]
 
 
+def _sizes(starts, n):
+    s = sorted(starts) + [n]
+    return [b - a for a, b in zip(s, s[1:])]
+
+
+def test_group_starts_follow_the_pace_of_the_turn():
+    """The forward 5.5x slower per layer than the load (an H100 at 1,024 tokens of Llama-3-8B history: load 5.4 ms,
+    new tokens 29.7 ms): group k may reach layer 5.5 x its first and still land before compute gets there."""
+    assert sorted(cache_mod._group_starts(32, (5.5, 0.0))) == [0, 1, 5, 27]
+    # a head start of a third of the load (half of it counted: 32 * 1/3 * 0.5 = 5.3 layers) reaches further
+    assert sorted(cache_mod._group_starts(32, (5.5, 1 / 3))) == [0, 1, 10]
+    # the load slower than the forward (Llama-2-7B at 8,192: load 100 ms, new 30 ms): the fixed schedule
+    assert cache_mod._group_starts(32, (0.3, 0.0)) == cache_mod._group_starts(32)
+    fixed = _sizes(cache_mod._group_starts(32), 32)
+    rng = random.Random(0)
+    for _ in range(200):  # never finer than the fixed schedule: the k-th group at least as long as its k-th
+        pace = (rng.uniform(0, 12), rng.uniform(0, 2))
+        sizes = _sizes(cache_mod._group_starts(32, pace), 32)
+        assert sizes[0] == 1 and sum(sizes) == 32
+        assert all(a >= b for a, b in zip(sizes[:-1], fixed))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_paced_groups_are_exact_and_follow_the_measured_pace(store_factory, monkeypatch, device):
+    """With the cost model's measurements saying the forward is 6x slower per layer than the load, the grouped
+    restore (forced on the CPU) makes fewer, larger groups, and every turn still matches a recompute (on CUDA:
+    the layers of a group wait for its one event once)."""
+    monkeypatch.setattr(cache_mod, "GROUP_DEVICES", ("cuda", "cpu"))
+    model = tiny_model("llama", num_hidden_layers=12).to(device)
+    store = store_factory(restore_mode="load", layerwise=True)
+    ids = random_ids(40, 71).to(device)
+    out, rec = saved_turn(model, store, ids)
+    ids = torch.cat([out.sequences, random_ids(6, 72).to(device)], dim=1)
+    nbytes = rec.nbytes
+    # what a store measures over a few turns: this tier loads the record in 1 ms; a forward of the new tokens
+    # takes 6 ms, whatever its size (launch-bound)
+    store.cost.bandwidth["dram"] = nbytes / 1e-3
+    for n in (6, 60, 600):
+        store.cost.observe_prefill(n, 6e-3)
+    cache = store.cache_for(model, "s", ids)
+    assert cache.restore_plan["pace"] == pytest.approx((6.0, 0.0), rel=0.05)
+    cache.wait_loaded()
+    blocks = {}
+    for i, layer in enumerate(cache.layers):
+        blocks.setdefault(layer._k.untyped_storage().data_ptr(), []).append(i)
+    assert sorted(blocks.values()) == [[0], list(range(1, 6)), list(range(6, 12))]  # fixed: 1, 1, 2, 4, 4
+    out = compare(model, cache, ids)
+    store.save("s", cache, out.sequences)
+    ids = torch.cat([out.sequences, random_ids(5, 73).to(device)], dim=1)
+    compare(model, store.cache_for(model, "s", ids), ids)
+
+
 def test_cost_model_choices():
     cm = CostModel()
     mb = 1 << 20

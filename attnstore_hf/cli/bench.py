@@ -516,7 +516,7 @@ def main(argv=None) -> int:
     elif args.cmd == "overlap":
         rows, info = overlap.bench_overlap(args)
         extra.update(info)
-        cols = overlap.COLUMNS + (overlap.ALT_COLUMNS if args.group_layers else [])
+        cols = overlap.COLUMNS + (overlap.ALT_COLUMNS if args.group_layers or args.fixed_groups else [])
         d = info["decode"]
         print(f"{info['device']}, {info['model']} {info['dtype']}, restored from {info['tier']}; times in ms")
         print(f"decode after {d['history']} tokens, {d['turns']} turns of {d['tokens']} back to back: "

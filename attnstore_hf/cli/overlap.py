@@ -140,7 +140,8 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
             if s is not warm:
                 s.close()
         t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both", "staged", "auto")}
-        if args.group_layers:
+        alt = bool(args.group_layers or args.fixed_groups)
+        if alt:
             t["layered_alt"] = []
         choices = []  # what restore_mode="auto" picked, per repeat
 
@@ -156,19 +157,20 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
             t["full"].append(c.seconds)
             variants = [("sync", {"layerwise": False}), ("layered", {"layerwise": True}),
                         ("both", {"restore_mode": "both"}), ("auto", {"restore_mode": "auto"})]
-            if args.group_layers:  # the same layered turn with another group size, interleaved with the rest
+            if alt:  # the same layered turn with other restore groups, interleaved with the rest
                 variants.insert(2, ("layered_alt", {"layerwise": True}))
             for name, kw in variants:
                 store = store_with(**kw)
-                group_layers = cache_mod.GROUP_LAYERS
+                group_layers, pacing = cache_mod.GROUP_LAYERS, cache_mod.GROUP_PACING
                 if name == "layered_alt":
-                    cache_mod.GROUP_LAYERS = args.group_layers
+                    cache_mod.GROUP_LAYERS = args.group_layers or group_layers
+                    cache_mod.GROUP_PACING = pacing and not args.fixed_groups
                 try:
                     with clock as c:
                         cache = store.cache_for(model, sid, ids)
                         forward(ids[:, cache.reused_tokens:], cache)
                 finally:
-                    cache_mod.GROUP_LAYERS = group_layers
+                    cache_mod.GROUP_LAYERS, cache_mod.GROUP_PACING = group_layers, pacing
                 if name == "auto":  # the cost model's pick, from what the store measured so far
                     choices.append(cache.restore_plan["choice"])
                 else:
@@ -202,8 +204,9 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
         row["auto_choice"] = max(set(choices), key=choices.count)
         row["auto_vs_full"] = row["auto"] / row["full"]
         row["layered_vs_max"] = row["layered"] / max(row["load"], row["new"])
-        if args.group_layers:
-            row["group_layers_alt"] = args.group_layers
+        if alt:
+            row["group_layers_alt"] = (f"{args.group_layers or cache_mod.GROUP_LAYERS} "
+                                       f"{'fixed' if args.fixed_groups else 'paced'}")
             row["layered_alt_vs_max"] = row["layered_alt"] / max(row["load"], row["new"])
         row["staged_vs_new"] = row["staged"] / row["new"]
         row["sync_vs_layered"] = row["sync"] / row["layered"]
@@ -215,7 +218,8 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": args.model or "gemma3-270m",
             "dtype": str(dtype).replace("torch.", ""), "tier": args.tier, "units": "ms",
             "restore_thread": args.restore_thread, "group_layers": cache_mod.GROUP_LAYERS,
-            "group_layers_alt": args.group_layers}
+            "group_pacing": cache_mod.GROUP_PACING, "group_layers_alt": args.group_layers,
+            "fixed_groups_alt": args.fixed_groups}
     info["decode"] = _decode_with_and_without_saving(model, tok, vocab, device, args, disk_dir)
     return rows, info
 
@@ -281,6 +285,10 @@ def add_parser(sub) -> None:
                    help="also time the layered turn with groups of this many layers (cache.GROUP_LAYERS; "
                         "accelerators only), interleaved with the default: columns layered_alt, "
                         "layered_alt_vs_max")
+    o.add_argument("--fixed-groups", action="store_true",
+                   help="also time the layered turn with restore groups of the fixed schedule (1, 1, 2, then "
+                        "--group-layers or cache.GROUP_LAYERS), not sized by the turn's pace (cache.GROUP_PACING), "
+                        "interleaved with the default: columns layered_alt, layered_alt_vs_max")
     o.add_argument("--json", default=None)
 
 

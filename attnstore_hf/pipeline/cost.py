@@ -47,7 +47,9 @@ class CostModel:
       (an accelerator, not a CPU where the loader and the model share the cores) and the record can be loaded
       in part (:data:`PARTIAL_TIERS`).
 
-    ``auto`` takes the fastest prediction; loading while nothing is known yet or the load is tiny.
+    ``auto`` takes the fastest prediction; loading while nothing is known yet or the load is tiny. Once both are
+    known, the plan also gives the turn's ``pace``: ``(P(new) / load_s, H / load_s)``, how much slower the forward
+    goes through the layers than the load, and the load's head start (see :func:`attnstore_hf.cache._group_starts`).
     """
 
     def __init__(self):
@@ -197,6 +199,8 @@ class CostModel:
         if load_s is not None and line is not None:
             t_new = prefill(new_tokens)
             turn["load"] = host + max(load_s, t_new) if layerwise else load_s + t_new
+            if layerwise and load_s > 0:  # how the forward keeps pace with the load: sizes restore groups
+                plan["pace"] = (t_new / load_s, host / load_s)
             turn["recompute"] = prefill(tokens + new_tokens)
             if can_split and tier in PARTIAL_TIERS and tokens >= 2 * MIN_SPLIT:
                 a, b = line  # a + b r = (1 - r / T) load_s: both halves finish together

@@ -66,6 +66,7 @@ class LayerLoader:
         self._errors: list[BaseException | None] = [None] * self.n
         self._events: list = [None] * self.n
         self._waited = [False] * self.n
+        self._last_wait = (None, None)  # (event, stream) of the last wait: the layers of a group wait once
         self._cancel = False
         self._thread: threading.Thread | None = None
         self.stream = None
@@ -184,8 +185,12 @@ class LayerLoader:
         err = self._errors[i]
         if err is not None:
             raise LoadError(f"layer {i}: {type(err).__name__}: {err}") from err
-        if self.cuda and self._events[i] is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._events[i])
+        ev = self._events[i]
+        if self.cuda and ev is not None:
+            stream = torch.cuda.current_stream(self.device)
+            if ev is not self._last_wait[0] or stream != self._last_wait[1]:  # a group's layers share one event
+                stream.wait_event(ev)
+                self._last_wait = (ev, stream)
         self._waited[i] = True
 
     def wait_all(self) -> None:

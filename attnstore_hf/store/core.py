@@ -401,7 +401,7 @@ class AttentionStore:
         else:
             ok = restore(cache, model, rec, keep, positions, total_len, layerwise=self.config.layerwise,
                          before=(lambda i: lazy.materialize(i, pin=device.type == "cuda")) if streamed else None,
-                         ahead=ahead, threaded=self.config.restore_thread)
+                         ahead=ahead, threaded=self.config.restore_thread, pace=plan.get("pace"))
         if not ok:
             log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", cache.session_id)
             self._release_lazy(rec)
