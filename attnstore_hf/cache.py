@@ -39,11 +39,14 @@ class _WaitsForRestore:
     them (``generate()`` itself waits layer by layer in :meth:`AttentionStoreCache.update`)."""
 
     _waiter = None  # set while a LayerLoader owes this layer its K/V
+    _stale = False  # the keys/values views are made when first read (a restore sizes many layers at once)
 
     @property
     def keys(self):
         if self._waiter is not None:
             self._waiter()
+        if self._stale:
+            self._sync_views()
         return self.__dict__.get("_keys_")
 
     @keys.setter
@@ -54,6 +57,8 @@ class _WaitsForRestore:
     def values(self):
         if self._waiter is not None:
             self._waiter()
+        if self._stale:
+            self._sync_views()
         return self.__dict__.get("_values_")
 
     @values.setter
@@ -104,6 +109,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
         self._rk = grow(self._rk, self._raw_len)
 
     def _sync_views(self) -> None:
+        self._stale = False
         self.keys = self._k[:, :, : self._len]
         self.values = self._v[:, :, : self._len]
 
@@ -152,7 +158,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
         self._k, self._v, self._rk = k, v, rk
         self.is_initialized = True
         self._len = self._raw_len = n
-        self._sync_views()
+        self._stale = True  # views made when read: a restore adopts every layer of a group before the forward
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views of the (keys, values, pre-RoPE keys) buffers :meth:`prepare` sized, for a restore to write."""
@@ -187,6 +193,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
     def reset(self) -> None:
         self._k = self._v = self._rk = None
         self._len = self._raw_len = 0
+        self._stale = False
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -688,7 +695,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
         k, v = lay.keys, lay.values
         if k.dtype != dtype or v.dtype != dtype:
             return None
-        a = int(local[0])
+        a = first - lay.start  # a full-attention layer's indices are `keep` itself, shifted by its start
         if a == 0 and n == k.shape[2]:  # the whole stored layer (the usual case)
             if not (k.is_contiguous() and v.is_contiguous()):
                 return None
@@ -696,6 +703,7 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
             return None
         return patch.layer_types[i], k.shape, v.shape, a, n
 
+    first = int(keep[0]) if groupable and keep.numel() else 0
     groups: list[list[int]] = []
     starts = _group_starts(len(record.layers), pace if GROUP_PACING else None)
     if defer_from is not None:

@@ -119,7 +119,11 @@ class LayerKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.parts().values())
+        k, v = self.keys, self.values
+        n = k.numel() * k.element_size() + v.numel() * v.element_size()
+        if self.k_scale is not None:
+            n += self.k_scale.numel() * self.k_scale.element_size() + self.v_scale.numel() * self.v_scale.element_size()
+        return n
 
 
 @dataclass
