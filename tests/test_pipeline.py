@@ -328,6 +328,27 @@ def test_paced_groups_are_exact_and_follow_the_measured_pace(store_factory, monk
     compare(model, store.cache_for(model, "s", ids), ids)
 
 
+def test_a_restore_group_stages_at_most_group_max_bytes(store_factory, monkeypatch):
+    """However fast the forward is against the load, a group's record data (its device staging block) stays under
+    GROUP_MAX_BYTES: here two layers' worth, so the paced group of 11 layers is cut into groups of 2."""
+    monkeypatch.setattr(cache_mod, "GROUP_DEVICES", ("cuda", "cpu"))
+    model = tiny_model("llama", num_hidden_layers=12)
+    store = store_factory(restore_mode="load", layerwise=True)
+    out, rec = saved_turn(model, store, random_ids(40, 74))
+    ids = torch.cat([out.sequences, random_ids(6, 75)], dim=1)
+    monkeypatch.setattr(cache_mod, "GROUP_MAX_BYTES", 2 * rec.layers[0].nbytes)
+    store.cost.bandwidth["dram"] = rec.nbytes / 1e-3
+    for n in (6, 60, 600):
+        store.cost.observe_prefill(n, 50e-3)  # pace 50: one group after the first layer, but for the cap
+    cache = store.cache_for(model, "s", ids)
+    cache.wait_loaded()
+    blocks = {}
+    for i, layer in enumerate(cache.layers):
+        blocks.setdefault(layer._k.untyped_storage().data_ptr(), []).append(i)
+    assert sorted(blocks.values()) == [[0], [1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11]]
+    compare(model, cache, ids)
+
+
 def test_cost_model_choices():
     cm = CostModel()
     mb = 1 << 20
