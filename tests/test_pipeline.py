@@ -186,21 +186,36 @@ def test_save_queue_bounds_saves_in_flight(store_factory, monkeypatch):
     assert all(f.done() for f in futs) and len(store.sessions()) == 6
 
 
-def test_random_interleavings_of_many_sessions_stay_exact(store_factory):
-    """Many sessions, turns in random order, small DRAM (records move to disk and back), every option mixed."""
+@pytest.mark.parametrize("grouped", [False, True])
+def test_random_interleavings_of_many_sessions_stay_exact(store_factory, monkeypatch, grouped):
+    """Many sessions, turns in random order, small DRAM (records move to disk and back), every option mixed.
+    ``grouped``: the accelerator's grouped restore forced on the CPU, with a pace that changes from turn to turn
+    (the tier's bandwidth and the prefill times the cost model sees set at random), and some turns staged
+    before they are served."""
     rng = random.Random(0)
+    if grouped:
+        monkeypatch.setattr(cache_mod, "GROUP_DEVICES", ("cuda", "cpu"))
     for family in ("llama", "gemma3"):
-        model = tiny_model(family)
-        store = store_factory(restore_mode="load", dram_bytes=60_000)
+        model = tiny_model(family, num_hidden_layers=8) if grouped else tiny_model(family)
+        store = store_factory(restore_mode="load", dram_bytes=60_000 if not grouped else 400_000)
         convs = {f"c{k}": random_ids(rng.randint(10, 40), 100 + k) for k in range(5)}
+        paces = set()
         for step in range(16):
             sid = rng.choice(sorted(convs))
             ids = convs[sid]
+            if grouped:
+                store.cost.bandwidth["dram"] = rng.choice([1e5, 1e7, 1e9])
+                store.cost.observe_prefill(rng.randint(1, 200), rng.uniform(1e-3, 5e-2))
+                if rng.random() < 0.3:
+                    store.stage(model, sid, ids)
             cache = store.cache_for(model, sid, ids)
+            if cache.restore_plan and "pace" in cache.restore_plan:
+                paces.add(round(cache.restore_plan["pace"][0], 1))
             ours = compare(model, cache, ids)
             store.save(sid, cache, ours.sequences)
             convs[sid] = torch.cat([ours.sequences, random_ids(rng.randint(2, 9), 1000 + step)], dim=1)
         assert store.stats()["hits"] >= 8
+        assert not grouped or len(paces) >= 3  # the groups were sized by several different paces
 
 
 @pytest.mark.parametrize("layerwise", [True, False])
