@@ -85,8 +85,10 @@ class StoreConfig:
             and disk ``int8``. A record is always decoded by the codec it names.
         layerwise: restore layer by layer in the background (a thread on CPU, a side stream on CUDA), each layer
             waiting only for its own K/V, so loading overlaps the forward.
-        restore_mode: ``"auto"`` (per turn, from measured bandwidth and prefill speed: load, recompute or both),
-            ``"load"``, ``"recompute"`` or ``"both"`` (recompute the first tokens while loading the rest).
+        restore_mode: ``"auto"`` (per turn, from measured bandwidth and prefill speed: load, recompute, both or
+            tail), ``"load"``, ``"recompute"``, ``"both"`` (recompute the first tokens while loading the rest) or
+            ``"tail"`` (load the first tokens; the last are recomputed with the new ones, in the turn's forward).
+            ``both`` and ``tail`` are picked by ``auto`` on accelerators only, for DRAM records.
         async_save: ``save()`` returns at once; the copy off the device and the commit run in the background.
         save_queue: saves in flight at most (back-pressure on the caller beyond that).
         stage_sessions: turns :meth:`~attnstore_hf.AttentionStore.stage` may restore ahead of time at once (the
@@ -164,8 +166,9 @@ class StoreConfig:
             raise ConfigError("keep_prefix and reserve_tokens must be >= 0")
         if self.max_context is not None and self.max_context < 2:
             raise ConfigError(f"max_context must be >= 2, got {self.max_context!r}")
-        if self.restore_mode not in ("auto", "load", "recompute", "both"):
-            raise ConfigError(f"restore_mode must be 'auto', 'load', 'recompute' or 'both', got {self.restore_mode!r}")
+        if self.restore_mode not in ("auto", "load", "recompute", "both", "tail"):
+            raise ConfigError("restore_mode must be 'auto', 'load', 'recompute', 'both' or 'tail', got "
+                              f"{self.restore_mode!r}")
         if self.stage_sessions < 0:
             raise ConfigError(f"stage_sessions must be >= 0, got {self.stage_sessions}")
         if self.stage_layers is not None and self.stage_layers < 0:

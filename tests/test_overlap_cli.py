@@ -13,8 +13,9 @@ def test_overlap_bench_writes_every_column(tmp_path):
               "2", "--decode-history", "32", "--group-layers", "2", "--fixed-groups", "--json", out)
     data = json.loads(out.read_text())
     (row,) = data["results"]
-    for k in ("full", "load", "new", "sync", "layered", "both", "staged", "auto"):
+    for k in ("full", "load", "new", "sync", "layered", "both", "tail", "staged", "auto"):
         assert row[k] > 0, k
+    assert 0 < row["tail_split"] < 64  # forced with nothing measured yet, or where load and forward meet
     assert row["auto_choice"] in ("load", "recompute", "both") and row["auto_vs_full"] == row["auto"] / row["full"]
     assert row["staged_vs_new"] == row["staged"] / row["new"]
     assert row["layered_vs_max"] == row["layered"] / max(row["load"], row["new"])

@@ -1,5 +1,6 @@
 """``bench.py overlap``: does the layer-wise pipeline hide loading behind compute? full / load / new / sync / layered /
-both / staged (restore started before the turn with ``store.stage``) / auto (what the cost model picks)."""
+both / tail (the last tokens recomputed with the new ones) / staged (restore started before the turn with
+``store.stage``) / auto (what the cost model picks)."""
 
 from __future__ import annotations
 
@@ -139,11 +140,12 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
             forward(ids, None)
             if s is not warm:
                 s.close()
-        t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both", "staged", "auto")}
+        t = {k: [] for k in ("full", "load", "new", "sync", "layered", "both", "tail", "staged", "auto")}
         alt = bool(args.group_layers or args.fixed_groups)
         if alt:
             t["layered_alt"] = []
         choices = []  # what restore_mode="auto" picked, per repeat
+        splits = []  # tokens restore_mode="tail" recomputed with the new ones, per repeat
 
         def store_with(layerwise=True, restore_mode="load"):
             if args.tier == "dram":  # the warm store holds the record in DRAM: switch its options
@@ -156,7 +158,8 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
                 forward(ids, None)
             t["full"].append(c.seconds)
             variants = [("sync", {"layerwise": False}), ("layered", {"layerwise": True}),
-                        ("both", {"restore_mode": "both"}), ("auto", {"restore_mode": "auto"})]
+                        ("both", {"restore_mode": "both"}), ("tail", {"restore_mode": "tail"}),
+                        ("auto", {"restore_mode": "auto"})]
             if alt:  # the same layered turn with other restore groups, interleaved with the rest
                 variants.insert(2, ("layered_alt", {"layerwise": True}))
             for name, kw in variants:
@@ -173,6 +176,9 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
                     cache_mod.GROUP_LAYERS, cache_mod.GROUP_PACING = group_layers, pacing
                 if name == "auto":  # the cost model's pick, from what the store measured so far
                     choices.append(cache.restore_plan["choice"])
+                elif name == "tail":  # the last tokens recomputed with the new ones
+                    splits.append(cache.restore_plan["split"])
+                    assert cache.reused_tokens == hist - splits[-1], (name, cache.reused_tokens)
                 else:
                     assert cache.reused_tokens == hist, (name, cache.reused_tokens)
                 t[name].append(c.seconds)
@@ -202,6 +208,7 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
         for k, v in t.items():
             row[k] = statistics.median(v) * 1e3
         row["auto_choice"] = max(set(choices), key=choices.count)
+        row["tail_split"] = int(statistics.median(splits))
         row["auto_vs_full"] = row["auto"] / row["full"]
         row["layered_vs_max"] = row["layered"] / max(row["load"], row["new"])
         if alt:
@@ -292,7 +299,7 @@ def add_parser(sub) -> None:
     o.add_argument("--json", default=None)
 
 
-COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "staged", "auto",
-           "auto_choice", "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered", "auto_vs_full"]
+COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "tail", "tail_split",
+           "staged", "auto", "auto_choice", "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered", "auto_vs_full"]
 #: with --group-layers
 ALT_COLUMNS = ["layered_alt", "group_layers_alt", "layered_alt_vs_max"]

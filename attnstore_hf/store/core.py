@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ..cache import AttentionStoreCache, restore, reusable_length
+from ..cache import AttentionStoreCache, SlidingLayer, restore, reusable_length
 from ..config import StoreConfig
 from ..errors import AttnStoreError, RecordError
 from ..pipeline.cost import CostModel
@@ -28,7 +28,7 @@ _COUNTERS = (
     "reused_tokens", "prefilled_tokens", "saves", "prefetches", "prefetch_hits", "evictions_dram",
     "evictions_disk", "disk_writes", "disk_write_errors", "bytes_written_disk", "bytes_read_disk",
     "bytes_written_dram", "loads", "load_seconds", "restore_seconds", "save_seconds", "restore_load",
-    "restore_recompute", "restore_both", "staged", "staged_used", "staged_dropped",
+    "restore_recompute", "restore_both", "restore_tail", "staged", "staged_used", "staged_dropped",
 )
 
 
@@ -383,8 +383,11 @@ class AttentionStore:
         device = next(model.parameters()).device
         plain = bool(torch.equal(keep, torch.arange(n)) and torch.equal(positions, keep))
         cache._patch.read_timings()
+        # a shorter prefix: not with sliding-window layers (their record holds the window before the last token)
+        tail_ok = not any(isinstance(layer, SlidingLayer) for layer in cache.layers)
         plan = self.cost.choose(tier, nbytes, n, self.config.restore_mode, accelerator=device.type != "cpu",
-                                can_split=plain, new_tokens=max(total_len - n, 0), layerwise=self.config.layerwise)
+                                can_split=plain, new_tokens=max(total_len - n, 0), layerwise=self.config.layerwise,
+                                can_tail=tail_ok)
         cache.restore_plan = plan
         self._count(f"restore_{plan['choice']}")
         t0 = time.perf_counter()
@@ -393,7 +396,11 @@ class AttentionStore:
             log.debug("session %r: recomputing %d tokens rather than loading them (%s)", cache.session_id, n, plan)
             self._release_lazy(rec)
             return keep[:0]
-        streamed = lazy is not None and plan["choice"] == "load" and plain and self.config.layerwise
+        if plan["choice"] == "tail":  # load the head; the tail is recomputed with the new tokens, in one forward
+            keep, positions = keep[: n - plan["split"]], positions[: n - plan["split"]]
+            nbytes = int(rec.nbytes * keep.numel() / max(rec.num_tokens, 1))
+        loading = plan["choice"] in ("load", "tail")
+        streamed = lazy is not None and loading and plain and self.config.layerwise
         if lazy is not None and not streamed and not self._materialize(rec):
             return keep[:0]  # rejected: a miss
         if plan["choice"] == "both":
@@ -421,11 +428,11 @@ class AttentionStore:
             loader.on_done, loader.on_failure = done, failed
             if streamed:
                 loader.on_cancel = lambda rec=rec: self._release_lazy(rec)
-            if plan["choice"] == "load":  # this host work comes before the forward: part of the turn
+            if loading:  # this host work comes before the forward: part of the turn
                 self.cost.observe_restore_host(tier, time.perf_counter() - t_begin)
         elif streamed:
             self._finish_lazy(rec)
-        if loader is None and plan["choice"] == "load":
+        if loader is None and loading:
             self.cost.observe_load(tier, nbytes, read_s + time.perf_counter() - t0)
         return keep
 
