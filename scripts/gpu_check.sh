@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks of the layer-wise pipeline, run on a GPU machine (torch + transformers preinstalled, no network):
 # the gpu-marked tests, where a restored turn's time goes (scripts/overlap_profile.py), `bench.py overlap --device
-# cuda` for a random-weight Llama-3-8B shape (full / load / new / sync / layered / both / staged columns; THREAD=1:
+# cuda` for a random-weight Llama-3-8B shape (full / load / new / sync / layered / both / tail / staged columns; THREAD=1:
 # also with the restore issued from the loader thread), then the Llama-2-7B shape and the disk tier (PART=1 stops
 # before those). Each step has its own time limit. Results go to ${OUT:-gpu-results}/: log.txt, overlap_*.json
 # (+ .md), profile_llama3-8b.txt — 8 files, what the device tool brings back at most.

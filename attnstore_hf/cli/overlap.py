@@ -300,6 +300,7 @@ def add_parser(sub) -> None:
 
 
 COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "tail", "tail_split",
-           "staged", "auto", "auto_choice", "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered", "auto_vs_full"]
+           "staged", "auto", "auto_choice", "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered",
+           "auto_vs_full"]
 #: with --group-layers
 ALT_COLUMNS = ["layered_alt", "group_layers_alt", "layered_alt_vs_max"]

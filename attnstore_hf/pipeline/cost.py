@@ -207,7 +207,8 @@ class CostModel:
         return hi
 
     def choose(self, tier: str, nbytes: int, tokens: int, mode: str, accelerator: bool,
-               can_split: bool = True, new_tokens: int = 0, layerwise: bool = True, can_tail: bool | None = None) -> dict:
+               can_split: bool = True, new_tokens: int = 0, layerwise: bool = True,
+               can_tail: bool | None = None) -> dict:
         """How to restore ``tokens`` stored tokens (``nbytes`` bytes) from ``tier`` for a turn that then
         prefills ``new_tokens``: ``{"choice": "load"|"recompute"|"both"|"tail", "split", "predicted_load_s",
         "predicted_recompute_s", "predicted_turn_s": {choice: seconds}, ...}``. ``split`` = tokens recomputed
