@@ -485,6 +485,14 @@ def test_restore_host_time_counts_in_the_turn_as_measured_on_two_h100_hosts():
         # tokens' 30 ms forward: the last ~1,100 tokens are recomputed with them, see the tail test below)
         assert plan["choice"] == ("tail" if hist == 8192 else "load"), (hist, plan)
         assert plan["predicted_turn_s"][plan["choice"]] < plan["predicted_turn_s"]["recompute"]
+    # once loads of other sizes are measured (host A: 2,048 / 4,096 / 8,192 tokens in 9.0 / 15.6 / 27.0 ms), the
+    # load time follows a line with a fixed part: 8,192 tokens ~27 ms, faster than the new tokens: loaded whole
+    for hist, sec in ((2048, 0.0090), (4096, 0.0156), (8192, 0.0270)):
+        a.observe_load("dram", hist * kv_per_token, sec)
+    assert a.load_seconds("dram", 8192 * kv_per_token) == pytest.approx(0.027, rel=0.05)
+    assert a.load_seconds("dram", 1024 * kv_per_token) == pytest.approx(0.0054, rel=0.2)
+    plan = a.choose("dram", 8192 * kv_per_token, 8192, "auto", accelerator=True, new_tokens=100)
+    assert plan["choice"] == "load" and "tail" not in plan["predicted_turn_s"]
     # a sync restore's measured time already includes its host work: not added again
     plan = a.choose("dram", 2048 * kv_per_token, 2048, "auto", accelerator=True, new_tokens=100, layerwise=False)
     assert plan["predicted_restore_host_s"] == 0.0
