@@ -158,3 +158,21 @@ def test_full_coordinates_are_mapped_and_misuse_is_caught(store_factory):
     c3 = store.cache_for(model, "s", full)
     ok = greedy(model, c3.input_ids, c3)
     assert ok.sequences.shape[1] == c3.input_ids.shape[1] + 5
+
+
+def test_a_truncated_turn_is_loaded_whole_even_in_tail_mode(store_factory):
+    """restore_mode="tail" recomputes the last stored tokens with the new ones; a truncated turn's kept tokens
+    are re-embedded at new positions, so they are loaded whole instead (and match the independent reference)."""
+    model = tiny_model("llama")
+    store = store_factory(max_context=MAXCTX, reserve_tokens=0, restore_mode="tail")
+    out1, ids2 = two_turns(model, store)
+    n_hist = out1.sequences.shape[1] - 1
+    cache = store.cache_for(model, "s", ids2)
+    drop = cache.truncated
+    assert drop > 0 and cache.restore_plan["choice"] == "load" and cache.restore_plan["split"] == 0
+    keep = list(range(drop, n_hist))
+    assert cache.reused_tokens == len(keep)
+    ours = greedy(model, cache.input_ids, cache)
+    ref = greedy(model, cache.input_ids, reference_cache(model, ids2[:, :n_hist], keep))
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits)) <= 1e-4
