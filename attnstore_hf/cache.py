@@ -348,6 +348,7 @@ class AttentionStoreCache(Cache):
         self.load_seconds = 0.0
         self.truncated = 0              # tokens dropped by truncation for this turn
         self.user_ids: list[int] | None = None   # the ids cache_for was given (the user's coordinates)
+        self.turn_ids: list[int] | None = None   # the same in the cache's coordinates (what input_ids holds)
         self.origin_ids: list[int] = []           # user-coordinate ids of a record restored from a truncated one
         self._expect_first: int | None = None     # new tokens the first forward must bring (guards truncation)
         self._model = model
@@ -409,6 +410,7 @@ class AttentionStoreCache(Cache):
         self.reset()
         self.reused_tokens = 0
         self.prefix_ids = []
+        self.turn_ids = None
 
     def _wait_snapshot(self) -> None:
         snap, self._snapshot = self._snapshot, None

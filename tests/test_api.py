@@ -11,7 +11,7 @@ import attnstore_hf
 from attnstore_hf import (AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError, parse_size,
                           patch_model, unpatch_model)
 from attnstore_hf.cache import GROWTH_FACTOR, MIN_GROWTH, ChunkedLayer
-from conftest import greedy, random_ids, tiny_model
+from conftest import compare, greedy, random_ids, tiny_model
 
 
 def test_public_names():
@@ -138,6 +138,31 @@ def test_beam_search_with_cache():
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_a_beam_search_turn_saves_the_prompt_its_beams_share(family, store_factory):
+    """After beam search the cache holds one row per beam, the same up to where generation began: save() keeps
+    that prompt (the reply is prefilled next turn), exact against a recompute. A sliding-window layer no longer
+    holds the window before the prompt's end: a clear ValueError, nothing stored."""
+    model = tiny_model(family)
+    store = store_factory()
+    ids = random_ids(20, 11)
+    cache = store.cache_for(model, "s", ids)
+    out = model.generate(ids, past_key_values=cache, num_beams=3, max_new_tokens=4, min_new_tokens=4,
+                         do_sample=False, attention_mask=torch.ones_like(ids))
+    if family == "gemma3":
+        with pytest.raises(ValueError, match="sliding-window"):
+            store.save("s", cache, out)
+        assert store.sessions() == []
+        return
+    rec = store.save("s", cache, out).result()
+    assert rec.token_ids == ids[0].tolist() and rec.meta["tail_ids"] == out[0, 20:].tolist()
+    assert store.history("s") == out[0].tolist()
+    ids2 = torch.cat([out, random_ids(3, 12)], 1)
+    cache2 = store.cache_for(model, "s", ids2)
+    assert cache2.reused_tokens == 20
+    compare(model, cache2, ids2)
+
+
 def test_save_rejects_wrong_sequences(store_factory):
     model = tiny_model("llama")
     store = store_factory()
@@ -146,6 +171,12 @@ def test_save_rejects_wrong_sequences(store_factory):
     out = greedy(model, ids, cache)
     with pytest.raises(ValueError, match="cache holds"):
         store.save("s", cache, out.sequences[:, :5])
+    # a first turn (nothing restored): ids of the right length that are not this conversation's are refused too
+    # (the record would hand the next turn K/V of other tokens: a wrong answer)
+    for other in (random_ids(out.sequences.shape[1], 9), torch.cat([ids[:, :-1], out.sequences[:, -5:]], 1)):
+        with pytest.raises(ValueError, match="does not start with"):
+            store.save("s", cache, other)
+    assert store.sessions() == []
     rec = store.save("s", cache, out.sequences).result()
     assert rec.num_tokens == out.sequences.shape[1] - 1
     ids2 = torch.cat([out.sequences, random_ids(5, 2)], 1)

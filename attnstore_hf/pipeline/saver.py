@@ -10,6 +10,22 @@ from ..codec import encode
 from .streams import side_stream
 
 
+def prompt_views(cache, raws, tokens: int) -> list:
+    """Views of what each layer held for its first ``tokens`` positions, first batch row: after beam search the
+    rows are the beams, identical up to where generation began. A sliding-window layer keeps only its last
+    ``window - 1`` tokens, which then include generated ones: ``ValueError`` if the window before ``tokens`` is no
+    longer held."""
+    out = []
+    for (raw, values, start), layer in zip(raws, cache.layers):
+        window = getattr(layer, "sliding_window", None)
+        lo = 0 if window is None else max(0, tokens - (window - 1))
+        if lo < start or start + raw.shape[-2] < tokens:
+            raise ValueError(f"the cache no longer holds the K/V of the first {tokens} tokens of every layer (a "
+                             f"sliding-window layer keeps only its last {window and window - 1} tokens)")
+        out.append((raw[:1, :, lo - start: tokens - start], values[:1, :, lo - start: tokens - start], lo))
+    return out
+
+
 class Snapshot:
     """What :meth:`AttentionStore.save` hands to its background thread.
 
@@ -23,9 +39,12 @@ class Snapshot:
       in-place change.
     """
 
-    def __init__(self, cache, codec: str):
+    def __init__(self, cache, codec: str, tokens: int | None = None):
+        """``tokens``: keep only the first ``tokens`` positions of the first batch row (:func:`prompt_views`)."""
         self.codec = codec
         self.raws = cache.raw_layers()  # views; waits for a layer-wise restore still running
+        if tokens is not None:
+            self.raws = prompt_views(cache, self.raws, tokens)
         self.starts = [start for _, _, start in self.raws]
         self.dtype = next((r.dtype for r, _, _ in self.raws if r.numel()), None)
         self._copied = threading.Event()

@@ -14,7 +14,7 @@ from ..cache import AttentionStoreCache, SlidingLayer, restore, reusable_length
 from ..config import StoreConfig
 from ..errors import AttnStoreError, RecordError
 from ..pipeline.cost import CostModel
-from ..pipeline.saver import Snapshot
+from ..pipeline.saver import Snapshot, prompt_views
 from ..record import LayerKV, SessionRecord, dtype_name, session_key, transcode
 from .disk import DiskTier
 from .dram import DramTier
@@ -345,6 +345,7 @@ class AttentionStore:
         t_restore = time.perf_counter()
         reuse = keep.numel()
         cache.user_ids = user_list
+        cache.turn_ids = ids
         if ids is user_list:  # no truncation, no mapping: the user's ids are the cache's (no host list to tensor)
             cache.input_ids = user_ids.clone()
         else:
@@ -495,7 +496,7 @@ class AttentionStore:
     def record_from_cache(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
         """Snapshot ``cache`` (host copies of its pre-RoPE K/V) as a record of ``sequences``' tokens (blocking)."""
         head = self._record_head(session_id, cache, sequences)
-        return self._build_record(head, Snapshot(cache, self.config.codec))
+        return self._build_record(head, Snapshot(cache, self.config.codec, head["prompt"]))
 
     def _record_head(self, session_id: str, cache: AttentionStoreCache, sequences) -> dict:
         """Everything of a record but its tensors; raises ValueError for a ``sequences`` that does not fit."""
@@ -503,13 +504,22 @@ class AttentionStore:
         n = cache.get_seq_length()
         if n > len(seq):
             raise ValueError(f"the cache holds {n} tokens but sequences has only {len(seq)}: pass generate()'s output")
-        if cache.prefix_ids and seq[: len(cache.prefix_ids)] != cache.prefix_ids:
-            raise ValueError("sequences does not start with the tokens this cache restored: pass generate()'s output "
-                             "for the same conversation")
-        for layer in cache.layers:
-            if layer.is_initialized and layer.keys is not None and layer.keys.shape[0] != 1:
-                raise ValueError(f"only batch size 1 can be saved as a session (cache batch is "
-                                 f"{layer.keys.shape[0]})")
+        # the ids the cache was made for (cache.input_ids; the restored ones at least): a record claiming the K/V
+        # of other ids would give the next turn a wrong answer
+        made_for = cache.turn_ids if cache.turn_ids is not None else cache.prefix_ids
+        m = min(n, len(made_for))
+        if seq[:m] != made_for[:m]:
+            raise ValueError("sequences does not start with the ids this cache was made for (cache.input_ids): pass "
+                             "generate()'s output for the same conversation")
+        rows = max((layer.keys.shape[0] for layer in cache.layers if layer.is_initialized and layer.keys is not None),
+                   default=1)
+        prompt = None
+        if rows != 1:  # beam search: one row per beam, the same up to where generation began
+            if cache.turn_ids is None:
+                raise ValueError(f"only batch size 1 can be saved as a session (cache batch is {rows})")
+            prompt = n = min(n, len(cache.turn_ids))
+            log.info("session %r: the cache holds %d beams; saving the %d tokens they share (the reply's %d are "
+                     "prefilled next turn)", session_id, rows, n, len(seq) - n)
         # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete
         meta = {"tail_ids": seq[n:]}
         if cache.user_ids is not None and cache.input_ids is not None:
@@ -518,7 +528,7 @@ class AttentionStore:
                 origin = cache.user_ids + seq[cache.input_ids.shape[1]:]
                 meta["origin_ids"] = origin[: n + offset]
         return {"session_id": session_id, "token_ids": seq[:n], "meta": meta, "kinds": cache.layer_kinds,
-                "fingerprint": cache._patch._fingerprint or ""}
+                "fingerprint": cache._patch._fingerprint or "", "prompt": prompt}
 
     def _build_record(self, head: dict, snap: Snapshot) -> SessionRecord:
         layers = [LayerKV(kind, start, p["k"], p["v"], p.get("ks"), p.get("vs"))
@@ -543,18 +553,20 @@ class AttentionStore:
             raise TypeError(f"save() needs an AttentionStoreCache (from store.cache_for), got {type(cache).__name__}")
         t0 = time.perf_counter()
         head = self._record_head(session_id, cache, sequences)
+        if head["prompt"] is not None:  # beams: the rows' shared prompt (checked here, before anything is queued)
+            prompt_views(cache, cache.raw_layers(), head["prompt"])
         key = self._key(session_id)
         self._drop_staged(key, unless=cache)  # a turn of this session staged before this save: the old record
         if not self.config.async_save:
             fut: Future = Future()
-            rec = self._build_record(head, Snapshot(cache, self.config.codec))
+            rec = self._build_record(head, Snapshot(cache, self.config.codec, head["prompt"]))
             self.put_record(rec)
             fut.set_result(rec)
             self._count("save_seconds", time.perf_counter() - t0)
             return fut
         self._save_slots.acquire()  # back-pressure: at most save_queue saves in flight
         try:
-            snap = Snapshot(cache, self.config.codec)
+            snap = Snapshot(cache, self.config.codec, head["prompt"])
             fut = self._save_pool.submit(self._commit_save, head, snap)
         except BaseException:
             self._save_slots.release()
