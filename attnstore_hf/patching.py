@@ -100,6 +100,10 @@ class ModelPatch:
     def _forward_start(self, module, args, kwargs):
         n = self._tokens(args, kwargs)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if n == 0 and getattr(cache, "turn_ids", None) is not None:  # else a reshape of 0 elements fails deep inside
+            raise ValueError(f"the forward got no new tokens: this cache already holds {cache.get_seq_length()} "
+                             "tokens of the conversation. Pass the whole conversation, cache.input_ids (history + "
+                             "new message), to generate(), not only the new message")
         if n < self.MIN_TIMED_TOKENS or self.on_prefill is None or getattr(cache, "_loader", None) is not None:
             # decode steps, and forwards that may wait for a restore, say nothing about the prefill speed
             self._timing.start = None

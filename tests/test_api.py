@@ -163,6 +163,20 @@ def test_a_beam_search_turn_saves_the_prompt_its_beams_share(family, store_facto
     compare(model, cache2, ids2)
 
 
+def test_generate_given_only_the_new_message_says_what_to_pass(store_factory):
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(20, 13)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    store.save("s", cache, out.sequences)
+    new = random_ids(5, 14)
+    cache2 = store.cache_for(model, "s", torch.cat([out.sequences, new], 1))
+    with pytest.raises(ValueError, match="cache.input_ids"):  # transformers alone: "cannot reshape tensor of 0"
+        model.generate(new, past_key_values=cache2, max_new_tokens=2, attention_mask=torch.ones_like(new))
+    compare(model, store.cache_for(model, "s", cache2.input_ids), cache2.input_ids)  # then as it should be
+
+
 def test_save_rejects_wrong_sequences(store_factory):
     model = tiny_model("llama")
     store = store_factory()
