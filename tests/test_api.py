@@ -202,6 +202,22 @@ def test_save_rejects_wrong_sequences(store_factory):
         store.save("s", cache2, wrong)
 
 
+def test_ids_may_come_as_tokenizer_and_generate_outputs(store_factory):
+    """input_ids as a tokenizer returns them (a BatchEncoding) and sequences as generate() returns them with
+    return_dict_in_generate=True are taken as they are; anything else is a clear TypeError."""
+    from transformers import BatchEncoding
+
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(20, 15)
+    cache = store.cache_for(model, "s", BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    out = greedy(model, ids, cache)  # a GenerateDecoderOnlyOutput
+    rec = store.save("s", cache, out).result()
+    assert rec.token_ids == out.sequences[0, :-1].tolist()
+    with pytest.raises(TypeError, match="token ids"):
+        store.cache_for(model, "s", object())
+
+
 def test_input_validation(store_factory):
     model = tiny_model("llama")
     store = store_factory()

@@ -33,7 +33,18 @@ _COUNTERS = (
 
 
 def _as_ids(input_ids) -> torch.Tensor:
-    ids = torch.as_tensor(input_ids)
+    """One sequence of token ids as ``[1, T]``: a tensor or list, a tokenizer's output (``input_ids`` taken), or
+    generate()'s output with ``return_dict_in_generate=True`` (``sequences`` taken)."""
+    if not isinstance(input_ids, torch.Tensor):
+        if hasattr(input_ids, "sequences"):
+            input_ids = input_ids.sequences
+        elif hasattr(input_ids, "keys") and "input_ids" in input_ids.keys():
+            input_ids = input_ids["input_ids"]
+    try:
+        ids = torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"expected token ids (a tensor or list of ints, a tokenizer's output or generate()'s), got "
+                        f"{type(input_ids).__name__}") from exc
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.shape[0] != 1:
