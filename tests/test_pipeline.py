@@ -714,3 +714,31 @@ def test_exiting_while_restores_run_in_the_background_does_not_abort(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("done") and "terminate called" not in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_threads_serving_sessions_on_one_model_and_store_stay_exact(family, store_factory):
+    """A server's thread pool: four threads, each a session of four turns, one model and one store (small DRAM:
+    records go to disk and back), forwards running at the same time; every turn equals a recompute."""
+    model = tiny_model(family)
+    store = store_factory(restore_mode="load", dram_bytes=200_000)
+    errors: list = []
+
+    def serve(k):
+        try:
+            ids = random_ids(15 + k, 300 + k)
+            for t in range(4):
+                cache = store.cache_for(model, f"s{k}", ids)
+                ours = compare(model, cache, ids)
+                store.save(f"s{k}", cache, ours.sequences)
+                ids = torch.cat([ours.sequences, random_ids(3, 2000 + 10 * k + t)], dim=1)
+        except BaseException as exc:  # reported below with the thread it failed in
+            errors.append((k, exc))
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert store.stats()["hits"] == 12  # every turn after the first of each session restored its history
