@@ -11,7 +11,7 @@ import attnstore_hf
 from attnstore_hf import (AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError, parse_size,
                           patch_model, unpatch_model)
 from attnstore_hf.cache import GROWTH_FACTOR, MIN_GROWTH, ChunkedLayer
-from conftest import compare, greedy, random_ids, tiny_model
+from conftest import compare, greedy, random_ids, saved_turn, tiny_model
 
 
 def test_public_names():
@@ -166,10 +166,7 @@ def test_a_beam_search_turn_saves_the_prompt_its_beams_share(family, store_facto
 def test_generate_given_only_the_new_message_says_what_to_pass(store_factory):
     model = tiny_model("llama")
     store = store_factory()
-    ids = random_ids(20, 13)
-    cache = store.cache_for(model, "s", ids)
-    out = greedy(model, ids, cache)
-    store.save("s", cache, out.sequences)
+    out, _ = saved_turn(model, store, random_ids(20, 13))
     new = random_ids(5, 14)
     cache2 = store.cache_for(model, "s", torch.cat([out.sequences, new], 1))
     with pytest.raises(ValueError, match="cache.input_ids"):  # transformers alone: "cannot reshape tensor of 0"
