@@ -66,10 +66,8 @@ class CostModel:
         self.restore_host_s: dict[str, float] = {}  # tier -> host seconds a layer-wise restore adds to its turn
         self._prefills: deque = deque(maxlen=PREFILL_SAMPLES)  # (tokens, seconds) of recent prefill forwards
         self._loads: dict[str, deque] = {}  # tier -> (bytes, seconds) of recent measured restores
-        self._load_fit: dict[str, tuple[float, float] | None] = {}  # tier -> line through _loads, until the next
-        self._load_version: dict[str, int] = {}  # tier -> restores observed
-        self._fit = None  # (line, sizes, times) made from _prefills, until the next forward is observed
-        self._version = 0  # forwards observed so far
+        self._fits: dict = {}      # "prefill" / ("load", tier) -> a fit of those samples, until the next one
+        self._observed: dict = {}  # the same keys -> samples observed so far (a fit made meanwhile is not kept)
         self._pending: list = []                 # (tier, nbytes, loader) measurements not resolved yet
         self._lock = threading.Lock()
 
@@ -79,8 +77,7 @@ class CostModel:
         bw = nbytes / seconds
         with self._lock:
             self._loads.setdefault(tier, deque(maxlen=LOAD_SAMPLES)).append((nbytes, seconds))
-            self._load_fit.pop(tier, None)
-            self._load_version[tier] = self._load_version.get(tier, 0) + 1
+            self._invalidate(("load", tier))
             old = self.bandwidth.get(tier)
             self.bandwidth[tier] = bw if old is None else (1 - _EMA) * old + _EMA * bw
 
@@ -107,7 +104,7 @@ class CostModel:
             return
         with self._lock:
             self._prefills.append((tokens, seconds))
-            self._fit, self._version = None, self._version + 1
+            self._invalidate("prefill")
 
     @property
     def s_per_token(self) -> float | None:
@@ -122,14 +119,31 @@ class CostModel:
         fit = self._fitted()
         return None if fit is None else fit[0]
 
-    def _fitted(self):
-        """``(line, sizes, times)`` of the recent forwards, made once per change (``cache_for`` asks several
-        times per turn, on the host time of the turn)."""
+    def _invalidate(self, key) -> None:
+        """A sample was added to ``key``'s (called under the lock)."""
+        self._fits.pop(key, None)
+        self._observed[key] = self._observed.get(key, 0) + 1
+
+    def _cached(self, key, samples, make):
+        """``make(samples())``, made once per sample added (``cache_for`` asks several times per turn, on the host
+        time of the turn), outside the lock; a fit that a new sample overtook while it was made is not kept."""
         with self._lock:
-            fit, version = self._fit, self._version
-            samples = list(self._prefills) if fit is None else None
-        if fit is not None or not samples:
-            return fit
+            if key in self._fits:
+                return self._fits[key]
+            seen, data = self._observed.get(key, 0), samples()
+        fit = make(data)
+        with self._lock:
+            if self._observed.get(key, 0) == seen:
+                self._fits[key] = fit
+        return fit
+
+    def _fitted(self):
+        """``(line, sizes, times)`` of the recent forwards, ``None`` before any was timed."""
+        return self._cached("prefill", lambda: list(self._prefills), self._fit_prefill)
+
+    def _fit_prefill(self, samples):
+        if not samples:
+            return None
         by_size: dict[int, list[float]] = {}
         for tokens, seconds in samples:
             by_size.setdefault(tokens, []).append(seconds)
@@ -137,11 +151,7 @@ class CostModel:
         times = [statistics.median(by_size[k]) for k in sizes]
         for i in range(1, len(times)):
             times[i] = max(times[i], times[i - 1])
-        fit = (self._line(samples), sizes, times)
-        with self._lock:
-            if self._version == version:
-                self._fit = fit
-        return fit
+        return self._line(samples), sizes, times
 
     @staticmethod
     def _line(samples) -> tuple[float, float]:
@@ -201,21 +211,16 @@ class CostModel:
         bw = self.bandwidth.get(tier)
         if not bw:
             return None
-        with self._lock:
-            known = tier in self._load_fit
-            fit = self._load_fit.get(tier)
-            samples = None if known else list(self._loads.get(tier, ()))
-            version = self._load_version.get(tier, 0)
-        if not known:
-            fit = None
-            if samples and max(b for b, _ in samples) >= 2 * min(b for b, _ in samples):
-                a, b = self._line(samples)
-                if a > 0 and b > 0:  # a proper fit (else the samples show no fixed part: the bandwidth alone)
-                    fit = (a, b)
-            with self._lock:
-                if self._load_version.get(tier, 0) == version:
-                    self._load_fit[tier] = fit
+        fit = self._cached(("load", tier), lambda: list(self._loads.get(tier, ())), self._fit_load)
         return fit[0] + fit[1] * nbytes if fit is not None else nbytes / bw
+
+    def _fit_load(self, samples):
+        """The line through the restores if their sizes differ 2x or more and it has a fixed part (``a > 0``),
+        else ``None`` (the bandwidth alone)."""
+        if not samples:
+            return None
+        a, b = self._line(samples)
+        return (a, b) if a > 0 else None  # a == 0: no proper fit (sizes too close, or no fixed part)
 
     def _tail_split(self, tokens: int, new_tokens: int, load_s: float) -> int | None:
         """The ``r`` at which loading the first ``tokens - r`` tokens takes as long as the forward over the last

@@ -391,7 +391,8 @@ class AttentionStore:
 
         t_begin = time.perf_counter()
         n = keep.numel()
-        nbytes = int(rec.nbytes * n / max(rec.num_tokens, 1))
+        rec_bytes, rec_tokens = rec.nbytes, max(rec.num_tokens, 1)  # (a sum over the layers: once)
+        nbytes = int(rec_bytes * n / rec_tokens)
         device = next(model.parameters()).device
         plain = bool(torch.equal(keep, torch.arange(n)) and torch.equal(positions, keep))
         cache._patch.read_timings()
@@ -410,7 +411,7 @@ class AttentionStore:
             return keep[:0]
         if plan["choice"] == "tail":  # load the head; the tail is recomputed with the new tokens, in one forward
             keep, positions = keep[: n - plan["split"]], positions[: n - plan["split"]]
-            nbytes = int(rec.nbytes * keep.numel() / max(rec.num_tokens, 1))
+            nbytes = int(rec_bytes * keep.numel() / rec_tokens)
         loading = plan["choice"] in ("load", "tail")
         streamed = lazy is not None and loading and plain and self.config.layerwise
         if lazy is not None and not streamed and not self._materialize(rec):
@@ -529,6 +530,7 @@ class AttentionStore:
             if cache.turn_ids is None:
                 raise ValueError(f"only batch size 1 can be saved as a session (cache batch is {rows})")
             prompt = n = min(n, len(cache.turn_ids))
+            prompt_views(cache, cache.raw_layers(), prompt)  # ValueError if a sliding layer no longer holds it
             log.info("session %r: the cache holds %d beams; saving the %d tokens they share (the reply's %d are "
                      "prefilled next turn)", session_id, rows, n, len(seq) - n)
         # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete
@@ -564,8 +566,6 @@ class AttentionStore:
             raise TypeError(f"save() needs an AttentionStoreCache (from store.cache_for), got {type(cache).__name__}")
         t0 = time.perf_counter()
         head = self._record_head(session_id, cache, sequences)
-        if head["prompt"] is not None:  # beams: the rows' shared prompt (checked here, before anything is queued)
-            prompt_views(cache, cache.raw_layers(), head["prompt"])
         key = self._key(session_id)
         self._drop_staged(key, unless=cache)  # a turn of this session staged before this save: the old record
         if not self.config.async_save:
