@@ -223,6 +223,17 @@ def test_random_interleavings_of_many_sessions_stay_exact(store_factory, monkeyp
         assert not grouped or len(paces) >= 3  # the groups were sized by several different paces
 
 
+def restore_groups(cache) -> list[list[int]]:
+    """The full-attention layers of a restored cache, grouped by the device block their buffers are views of (the
+    layers a grouped restore handled together), once every layer is in place."""
+    cache.wait_loaded()
+    groups: dict = {}
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, cache_mod.ChunkedLayer):
+            groups.setdefault(layer._k.untyped_storage().data_ptr(), []).append(i)
+    return sorted(groups.values())
+
+
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_grouped_restore_shares_blocks_and_is_exact(family, store_factory, monkeypatch, layerwise):
     """The accelerator restore (consecutive full-attention layers in groups of 1, 1, 2, 4: one copy per tensor,
@@ -236,16 +247,11 @@ def test_grouped_restore_shares_blocks_and_is_exact(family, store_factory, monke
         cache = store.cache_for(model, "s", ids)
         if turn:
             assert cache.reused_tokens == ids.shape[1] - 7  # the last reply token has no KV yet
-            cache.wait_loaded()
-            full = [i for i, lay in enumerate(cache.layers) if isinstance(lay, cache_mod.ChunkedLayer)]
-            block = {i: cache.layers[i]._k.untyped_storage().data_ptr() for i in full}
-            groups = {}
-            for i in full:
-                groups.setdefault(block[i], []).append(i)
+            groups = restore_groups(cache)
             if family != "gemma3":  # every layer is full attention: groups [0] [1] [2 3] [4 5 6 7] [8]
-                assert sorted(groups.values()) == [[0], [1], [2, 3], [4, 5, 6, 7], [8]]
+                assert groups == [[0], [1], [2, 3], [4, 5, 6, 7], [8]]
             else:  # sliding layers break the runs; no group spans one
-                assert all(g == list(range(g[0], g[-1] + 1)) for g in groups.values())
+                assert all(g == list(range(g[0], g[-1] + 1)) for g in groups)
         out = compare(model, cache, ids)
         assert cache.recomputed_tokens == 0
         store.save("s", cache, out.sequences)
@@ -337,11 +343,7 @@ def test_paced_groups_are_exact_and_follow_the_measured_pace(store_factory, monk
         store.cost.observe_prefill(n, 6e-3)
     cache = store.cache_for(model, "s", ids)
     assert cache.restore_plan["pace"] == pytest.approx((6.0, 0.0), rel=0.05)
-    cache.wait_loaded()
-    blocks = {}
-    for i, layer in enumerate(cache.layers):
-        blocks.setdefault(layer._k.untyped_storage().data_ptr(), []).append(i)
-    assert sorted(blocks.values()) == [[0], list(range(1, 6)), list(range(6, 12))]  # fixed: 1, 1, 2, 4, 4
+    assert restore_groups(cache) == [[0], list(range(1, 6)), list(range(6, 12))]  # fixed: 1, 1, 2, 4, 4
     out = compare(model, cache, ids)
     store.save("s", cache, out.sequences)
     ids = torch.cat([out.sequences, random_ids(5, 73).to(device)], dim=1)
@@ -361,11 +363,7 @@ def test_a_restore_group_stages_at_most_group_max_bytes(store_factory, monkeypat
     for n in (6, 60, 600):
         store.cost.observe_prefill(n, 50e-3)  # pace 50: one group after the first layer, but for the cap
     cache = store.cache_for(model, "s", ids)
-    cache.wait_loaded()
-    blocks = {}
-    for i, layer in enumerate(cache.layers):
-        blocks.setdefault(layer._k.untyped_storage().data_ptr(), []).append(i)
-    assert sorted(blocks.values()) == [[0], [1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11]]
+    assert restore_groups(cache) == [[0], [1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11]]
     compare(model, cache, ids)
 
 
