@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -35,6 +36,8 @@ PACING_HEAD_SHARE = 0.5
 #: at most this many bytes of record data per restore group (its device staging block, freed once the group is
 #: in the cache): a group of 20 Llama-3-8B layers at 8,192 tokens would stage 1.3 GB
 GROUP_MAX_BYTES = 256 << 20
+
+log = logging.getLogger(__name__)
 
 
 class _WaitsForRestore:
@@ -357,6 +360,10 @@ class AttentionStoreCache(Cache):
         self.restore_plan: dict | None = None     # what cache_for chose for this turn: load / recompute / both
         self.recomputed_tokens = 0                # restored tokens recomputed after a failed layer-wise load
         self.host_ms: dict[str, float] = {}       # host time of cache_for's phases, ms (where a lookup's time goes)
+        self.forwards = 0                          # decoder forwards run on this cache
+        self._fed: list[torch.Tensor] | None = []  # ids of each forward (batch 1), to check what save() is given
+        self._base_ids: list[int] = []             # ids of the tokens the cache held before those forwards
+        self.masked = False  # a forward ran with an attention mask hiding tokens: the K/V depend on that mask
 
     # ---- layer-wise restore -------------------------------------------------------------------------------------
     def _wait_layer(self, layer_idx: int) -> None:
@@ -418,18 +425,21 @@ class AttentionStoreCache(Cache):
             snap.wait_copied()
 
     @torch.no_grad()
-    def prefill_apart(self, ids: torch.Tensor) -> "AttentionStoreCache":
+    def prefill_apart(self, ids: torch.Tensor, **kwargs) -> "AttentionStoreCache":
         """Run the decoder over ``ids`` into a new cache, possibly in the middle of this cache's own forward: the
-        pre-RoPE keys this forward has captured but not yet taken are kept aside meanwhile."""
+        pre-RoPE keys this forward has captured but not yet taken are kept aside meanwhile. ``kwargs`` go to the
+        decoder (``attention_mask``, ``position_ids``)."""
         fresh = AttentionStoreCache(self._model)
-        stash = self._patch.stash
-        saved = dict(stash)
+        patch = self._patch
+        stash = patch.stash
+        saved, capturing = dict(stash), patch.capturing
         stash.clear()
         try:
-            self._patch.adapter.decoder(self._model)(input_ids=ids, past_key_values=fresh, use_cache=True)
+            patch.adapter.decoder(self._model)(input_ids=ids, past_key_values=fresh, use_cache=True, **kwargs)
         finally:
             stash.clear()
             stash.update(saved)
+            patch.capturing = capturing
         return fresh
 
     @torch.no_grad()
@@ -458,6 +468,111 @@ class AttentionStoreCache(Cache):
                 work.fill(fresh.keys, fresh.values, fresh.raw_state()[0])
         if loader.on_failure is not None:
             loader.on_failure(exc)
+
+    # ---- what each forward is given ----------------------------------------------------------------------------
+    def _on_forward(self, ids: torch.Tensor | None, kwargs: dict) -> None:
+        """Called by the model patch before each decoder forward on this cache. The first forward of a turn is
+        checked against the conversation ``cache_for`` was given (other ids would meet K/V of another text); a
+        restored one-row cache is repeated for a forward of several rows (beam search, several return
+        sequences: the rows share the prompt); restored tokens an attention mask hides (padding) are recomputed
+        under that mask; and the ids are noted, so that :meth:`held_ids` can tell ``save()`` what the K/V are of.
+        """
+        first = self.forwards == 0
+        if ids is None:  # inputs_embeds: the ids are unknown
+            self.forwards += 1
+            self._fed = None
+            return
+        rows, n = ids.shape[0], ids.shape[-1]
+        restored = first and self.turn_ids is not None
+        past = self.reused_tokens if restored else self.get_seq_length()
+        if restored:
+            self._check_turn(ids, past)  # raises before anything changed: generate() can be called again
+        self.forwards += 1
+        mask = kwargs.get("attention_mask")
+        if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and (first or n > 1) and not self.masked
+                and bool((mask == 0).any())):  # decode steps only append ones to the mask: not checked
+            self.masked = True
+            if restored and past and bool((mask[:, :past] == 0).any()):
+                self._recompute_masked(mask, kwargs.get("position_ids"), past, n)
+        if rows > 1 and past and self._rows() == 1:
+            self.batch_repeat_interleave(rows)
+        if self._fed is not None:
+            if rows == 1:
+                self._fed.append(ids[0])
+            else:  # beams: the rows' replies differ (save() keeps the prompt they share)
+                self._fed = None
+
+    def _check_turn(self, ids: torch.Tensor, past: int) -> None:
+        host = ids.tolist()  # a few ids to the host, once a turn
+        row = host[0]
+        if any(r != row for r in host[1:]):
+            raise ValueError(f"the forward got {len(host)} different sequences, but this cache holds one "
+                             f"conversation (session {self.session_id!r}): use one cache per conversation")
+        expect = self.turn_ids[past: past + len(row)]
+        if row[: len(expect)] != expect:
+            raise ValueError(
+                f"generate() got other ids than the conversation cache_for() was given (session "
+                f"{self.session_id!r}): the tokens after the {past} in the cache differ; pass cache.input_ids "
+                "(history + new message, as kept after any truncation), not only the new message")
+
+    def _rows(self) -> int:
+        for layer in self.layers:
+            t = layer._k if isinstance(layer, ChunkedLayer) else layer.__dict__.get("_keys_")
+            if t is not None:
+                return t.shape[0]
+        return 1
+
+    @torch.no_grad()
+    def _recompute_masked(self, mask: torch.Tensor, position_ids, past: int, n: int) -> None:
+        """The attention mask hides some restored tokens (padding): their K/V, and those of the tokens after
+        them, depend on it, and stored K/V were computed without it. Recompute the restored tokens under the mask
+        (exact; the restore is abandoned)."""
+        prefix_pos = None
+        if position_ids is not None:  # the positions generate() derives from the mask, for the prefix as well
+            derived = mask[:1].long().cumsum(-1) - 1
+            derived.masked_fill_(mask[:1] == 0, 1)
+            pos = position_ids[:1].to(derived.device)
+            if torch.equal(derived[:, past: past + n], pos):
+                prefix_pos = derived[:, :past]
+            elif not torch.equal(torch.arange(past, past + n, device=pos.device).unsqueeze(0), pos):
+                raise ValueError("position_ids that are neither the default nor derived from the attention mask "
+                                 "are not supported on a restored cache: use a fresh cache (store.cache_for is "
+                                 "given the conversation, generate() the same ids)")
+        log.warning("session %r: the attention mask hides some of the %d restored tokens (padding); recomputing "
+                    "them under that mask", self.session_id, past)
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.cancel()
+            if loader.stream is not None:
+                torch.cuda.current_stream(loader.device).wait_stream(loader.stream)
+            if loader.on_cancel is not None:
+                loader.on_cancel()
+        fresh = self.prefill_apart(self.input_ids[:1, :past].to(mask.device), attention_mask=mask[:1, :past],
+                                   **({} if prefix_pos is None else {"position_ids": prefix_pos}))
+        for work, got in zip(self.layers, fresh.layers):
+            work._waiter = None
+            if isinstance(work, SlidingLayer):
+                work.restore(got.keys, got.values, got.raw_keys, got.cumulative_length)
+            else:
+                work.restore(got.keys, got.values, got.raw_state()[0])
+        self.recomputed_tokens = past
+
+    def held_ids(self) -> list[int] | None:
+        """The ids of the tokens whose K/V this cache holds, as its forwards were given them (``None`` if unknown:
+        a forward of several rows or of ``inputs_embeds``)."""
+        if self._fed is None:
+            return None
+        return self._base_ids + (torch.cat(self._fed).tolist() if self._fed else [])
+
+    def _trim_fed(self) -> None:
+        """After a crop: only the first ``get_seq_length()`` noted ids are still held."""
+        if self._fed is None:
+            return
+        length = self.get_seq_length()
+        if length <= len(self._base_ids):
+            self._base_ids, self._fed = self._base_ids[:length], []
+        elif self._fed:
+            self._fed = [torch.cat(self._fed)[: length - len(self._base_ids)]]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self._snapshot is not None:
@@ -492,22 +607,29 @@ class AttentionStoreCache(Cache):
 
     def crop(self, *args, **kwargs):
         self._settled()
-        return super().crop(*args, **kwargs)
+        out = super().crop(*args, **kwargs)
+        self._trim_fed()
+        return out
 
     def reset(self, *args, **kwargs):
         self._settled()
-        return super().reset(*args, **kwargs)
+        out = super().reset(*args, **kwargs)
+        self._fed, self._base_ids, self.masked = [], [], False
+        return out
 
     def reorder_cache(self, *args, **kwargs):
         self._settled()
+        self._fed = None
         return super().reorder_cache(*args, **kwargs)
 
     def batch_repeat_interleave(self, *args, **kwargs):
         self._settled()
+        self._fed = None
         return super().batch_repeat_interleave(*args, **kwargs)
 
     def batch_select_indices(self, *args, **kwargs):
         self._settled()
+        self._fed = None
         return super().batch_select_indices(*args, **kwargs)
 
     @property

@@ -37,6 +37,8 @@ class ModelPatch:
             self.handles.append(hook)
             self.kv_shapes.append((attn.k_proj.out_features // head_dim, head_dim))
         self.num_layers = len(layers)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size: int | None = getattr(emb, "num_embeddings", None)  # token ids must be below it
         decoder = adapter.decoder(model)
         self.handles.append(decoder.register_forward_pre_hook(self._forward_start, with_kwargs=True))
         self.handles.append(decoder.register_forward_hook(self._forward_end, with_kwargs=True))
@@ -97,13 +99,33 @@ class ModelPatch:
             x = args[0]
         return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
 
+    @staticmethod
+    def _ids(args, kwargs) -> torch.Tensor | None:
+        x = kwargs.get("input_ids")
+        if x is None and args and kwargs.get("inputs_embeds") is None:
+            x = args[0]
+        return x if isinstance(x, torch.Tensor) and x.dim() == 2 else None
+
+    @property
+    def capturing(self) -> bool:
+        """Whether this thread's forward keeps pre-RoPE keys (only for an AttentionStoreCache, which takes them)."""
+        return getattr(self._local, "capturing", False)
+
+    @capturing.setter
+    def capturing(self, value: bool) -> None:
+        self._local.capturing = value
+
     def _forward_start(self, module, args, kwargs):
         n = self._tokens(args, kwargs)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        on_forward = getattr(cache, "_on_forward", None)
+        self.capturing = on_forward is not None
         if n == 0 and getattr(cache, "turn_ids", None) is not None:  # else a reshape of 0 elements fails deep inside
             raise ValueError(f"the forward got no new tokens: this cache already holds {cache.get_seq_length()} "
                              "tokens of the conversation. Pass the whole conversation, cache.input_ids (history + "
                              "new message), to generate(), not only the new message")
+        if on_forward is not None:
+            on_forward(self._ids(args, kwargs), kwargs)
         if n < self.MIN_TIMED_TOKENS or self.on_prefill is None or getattr(cache, "_loader", None) is not None:
             # decode steps, and forwards that may wait for a restore, say nothing about the prefill speed
             self._timing.start = None
@@ -116,6 +138,7 @@ class ModelPatch:
             self._timing.start = (n, time.perf_counter())
 
     def _forward_end(self, module, args, kwargs, output):
+        self.stash.clear()  # keys no cache layer took (a layer the cache skipped): not kept past the forward
         start = getattr(self._timing, "start", None)
         self._timing.start = None
         if start is None or self.on_prefill is None:
@@ -144,7 +167,8 @@ class ModelPatch:
         adapter = self.adapter
 
         def hook(module, args, output):
-            self.stash[layer_idx] = adapter.to_bhtd(output, head_dim)
+            if self.capturing:
+                self.stash[layer_idx] = adapter.to_bhtd(output, head_dim)
 
         return hook
 

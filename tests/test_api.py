@@ -11,7 +11,7 @@ import attnstore_hf
 from attnstore_hf import (AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError, parse_size,
                           patch_model, unpatch_model)
 from attnstore_hf.cache import GROWTH_FACTOR, MIN_GROWTH, ChunkedLayer
-from conftest import compare, greedy, random_ids, saved_turn, tiny_model
+from conftest import VOCAB, compare, greedy, random_ids, saved_turn, tiny_model
 
 
 def test_public_names():
@@ -231,3 +231,134 @@ def test_closed_store_says_so(store_factory):
     store.close()
     with pytest.raises(attnstore_hf.AttnStoreError, match="closed"):
         store.cache_for(tiny_model("llama"), "s", random_ids(5, 0))
+
+
+def test_generate_given_other_ids_than_the_turn_is_refused_at_any_length(store_factory):
+    """A new message longer than the restored history would be sliced by generate() into "new" tokens that are
+    not the conversation's (silently wrong before): the first forward compares its ids with the turn's and
+    raises before anything changed, so the same cache then serves the right call exactly."""
+    model = tiny_model("llama")
+    store = store_factory()
+    out, _ = saved_turn(model, store, random_ids(10, 1))
+    new = random_ids(30, 5)
+    cache = store.cache_for(model, "s", torch.cat([out.sequences, new], 1))
+    assert cache.reused_tokens == 14
+    with pytest.raises(ValueError, match="cache.input_ids"):
+        model.generate(new, past_key_values=cache, max_new_tokens=2, attention_mask=torch.ones_like(new))
+    other = cache.input_ids.clone()
+    other[0, -1] = (other[0, -1] + 1) % 150 + 8
+    with pytest.raises(ValueError, match="other ids"):
+        model.generate(other, past_key_values=cache, max_new_tokens=2, attention_mask=torch.ones_like(other))
+    compare(model, cache, cache.input_ids)
+
+
+def test_save_refuses_a_reply_the_cache_did_not_compute(store_factory):
+    """The prompt matches but the reply is another one of the same length (re-tokenised, from another call):
+    its K/V are not in this cache, so storing it would give the next turn a wrong answer."""
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(20, 1)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache, new=8).sequences
+    other = torch.cat([ids, random_ids(8, 42)], 1)
+    with pytest.raises(ValueError, match="position 20"):
+        store.save("s", cache, other)
+    assert store.sessions() == []
+    assert store.save("s", cache, out).result().token_ids == out[0, :-1].tolist()
+    # a crop (assisted decoding rolls back rejected tokens) is followed: what is held after it is what counts
+    cache.crop(-3)
+    assert cache.held_ids() == out[0, :-4].tolist()
+
+
+def test_save_of_an_empty_cache_says_so(store_factory):
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(12, 3)
+    cache = store.cache_for(model, "s", ids)
+    with pytest.raises(ValueError, match="empty"):
+        store.save("s", cache, ids)
+    out = greedy(model, ids, cache)
+    cache.reset()
+    with pytest.raises(ValueError, match="empty"):
+        store.save("s", cache, out.sequences)
+    assert store.sessions() == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_restored_cache_serves_beams_and_several_return_sequences(family, store_factory):
+    """generate() expands its inputs to one row per beam or return sequence but not a prefilled cache (transformers'
+    own DynamicCache then fails the same way): the restored one-row cache is repeated at the first forward, exact
+    against beam search without a cache."""
+    model = tiny_model(family)
+    store = store_factory()
+    out, _ = saved_turn(model, store, random_ids(20, 1))
+    ids = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+              attention_mask=torch.ones_like(ids), output_scores=True, return_dict_in_generate=True)
+    cache = store.cache_for(model, "s", ids)
+    assert cache.reused_tokens == 24
+    ours = model.generate(cache.input_ids, past_key_values=cache, **kw)
+    ref = model.generate(ids, **kw)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert (ours.sequences_scores - ref.sequences_scores).abs().max() <= 1e-4
+    rows = torch.cat([ids, ids], 0)  # identical rows (one conversation) are fine; different ones are refused
+    cache = store.cache_for(model, "s", ids)
+    assert model.generate(rows, past_key_values=cache, max_new_tokens=2, do_sample=False,
+                          attention_mask=torch.ones_like(rows)).shape == (2, ids.shape[1] + 2)
+    rows[1, -1] = (rows[1, -1] + 1) % 150 + 8
+    with pytest.raises(ValueError, match="one conversation"):
+        model.generate(rows, past_key_values=store.cache_for(model, "s", ids), max_new_tokens=2,
+                       attention_mask=torch.ones_like(rows))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_padding_that_hides_restored_tokens_is_recomputed_and_not_stored(family, store_factory, caplog):
+    """The conversation holds the pad id (0), so generate() masks it out (no attention_mask given): the stored K/V
+    were computed without that mask, and positions derived from the mask skip it. The restored tokens are
+    recomputed under the mask (exact against generate() without a cache), and a turn whose K/V depend on a mask
+    is not stored (the session keeps its previous record)."""
+    model = tiny_model(family)
+    store = store_factory()
+    first = random_ids(20, 1)
+    first[0, 6] = 0  # a pad id inside the conversation
+    cache = store.cache_for(model, "s", first)
+    out = greedy(model, first, cache)  # attention_mask all ones: nothing masked, stored as usual
+    rec = store.save("s", cache, out.sequences).result()
+    assert rec is not None
+    ids = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    cache = store.cache_for(model, "s", ids)
+    assert cache.reused_tokens == 24
+    with caplog.at_level("WARNING"):
+        ours = model.generate(cache.input_ids, past_key_values=cache, **kw)  # generate() infers the mask
+    assert "recomputing them under that mask" in caplog.text
+    ref = model.generate(ids, **kw)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits)) <= 1e-4
+    assert cache.recomputed_tokens == 24 and cache.masked
+    assert store.save("s", cache, ours.sequences).result() is None
+    assert store.history("s") == out.sequences[0].tolist() and store.stats()["saves_skipped"] == 1
+
+
+def test_token_ids_are_checked(store_factory):
+    model = tiny_model("llama")
+    store = store_factory()
+    with pytest.raises(TypeError, match="integers"):
+        store.cache_for(model, "s", torch.full((1, 5), 10.9))
+    for bad in (-1, VOCAB):
+        with pytest.raises(ValueError, match=rf"\[0, {VOCAB}\)"):
+            store.cache_for(model, "s", torch.tensor([[9, 10, bad]]))
+
+
+def test_plain_forwards_of_a_patched_model_keep_no_keys():
+    """The capture hooks keep pre-RoPE keys only for an AttentionStoreCache (which takes them): a patched model
+    used without one holds nothing afterwards."""
+    model = tiny_model("llama")
+    patch = attnstore_hf.patch_model(model)
+    ids = random_ids(30, 1)
+    model(ids)
+    model.generate(ids, max_new_tokens=3, attention_mask=torch.ones_like(ids))
+    assert patch.stash == {}
+    cache = AttentionStoreCache(model)
+    model(ids, past_key_values=cache, use_cache=True)
+    assert patch.stash == {} and cache.layers[0].raw_state()[0].shape[-2] == 30

@@ -28,6 +28,22 @@ def test_a_staged_turn_is_handed_over_and_exact(store_factory):
     compare(model, cache, ids)
 
 
+def test_a_staged_turn_already_run_is_not_handed_over(store_factory):
+    """stage() returns the cache, so a caller may run generate() on it before cache_for asks for the turn: that
+    cache then holds the reply too, and handing it over would prefill the turn onto it (a wrong answer). It stays
+    the caller's (not emptied) and the turn is restored afresh."""
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load")
+    ids, rec = next_turn(model, store, 3)
+    staged = store.stage(model, "s", ids)
+    used = compare(model, staged, ids)
+    cache = store.cache_for(model, "s", ids)
+    assert cache is not staged and cache.reused_tokens == rec.num_tokens
+    assert staged.get_seq_length() == used.sequences.shape[1] - 1
+    assert store.stats()["staged_used"] == 0
+    compare(model, cache, ids)
+
+
 def test_stage_layers_holds_back_the_rest_until_the_turn_starts(store_factory):
     model = tiny_model("llama", num_hidden_layers=5)
     store = store_factory(restore_mode="load", stage_layers=2)

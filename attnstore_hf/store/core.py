@@ -28,7 +28,7 @@ _COUNTERS = (
     "reused_tokens", "prefilled_tokens", "saves", "prefetches", "prefetch_hits", "evictions_dram",
     "evictions_disk", "disk_writes", "disk_write_errors", "bytes_written_disk", "bytes_read_disk",
     "bytes_written_dram", "loads", "load_seconds", "restore_seconds", "save_seconds", "restore_load",
-    "restore_recompute", "restore_both", "restore_tail", "staged", "staged_used", "staged_dropped",
+    "restore_recompute", "restore_both", "restore_tail", "staged", "staged_used", "staged_dropped", "saves_skipped",
 )
 
 
@@ -52,6 +52,8 @@ def _as_ids(input_ids) -> torch.Tensor:
                          "keep one AttentionStoreCache per conversation")
     if ids.shape[1] == 0:
         raise ValueError("input_ids is empty")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers, got {ids.dtype}")
     return ids.long()
 
 
@@ -245,12 +247,16 @@ class AttentionStore:
         session_id = _check_session_id(session_id)
         staged = self._unstage(self._key(session_id))
         if staged is not None:
-            if staged._model is model and staged.user_ids == _as_ids(input_ids)[0].tolist():
+            if staged.forwards:  # the caller ran it already: theirs now, no longer this turn's restore
+                log.info("session %r: the turn staged ahead was used before cache_for; restoring afresh", session_id)
+                self._count("staged_dropped")
+            elif staged._model is model and staged.user_ids == _as_ids(input_ids)[0].tolist():
                 if staged._loader is not None:
                     staged._loader.release()
                 self._count("staged_used")
                 return staged
-            self._discard(staged)  # the turn changed since it was staged (another message, another model)
+            else:
+                self._discard(staged)  # the turn changed since it was staged (another message, another model)
         return self._lookup(model, session_id, input_ids)
 
     def stage(self, model, session_id: str, input_ids) -> AttentionStoreCache:
@@ -331,7 +337,12 @@ class AttentionStore:
                 self._count("rejected_records")
                 self._release_lazy(rec)
                 rec = None
-        ids = user_list = user_ids[0].tolist()
+        row = user_ids[0].cpu()
+        lo, hi = torch.aminmax(row)
+        vocab = cache._patch.vocab_size
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}) for this model, got ids from {int(lo)} to {int(hi)}")
+        ids = user_list = row.tolist()
         # a record of a truncated conversation keeps the user's coordinates: map them to the kept tokens
         origin = rec.meta.get("origin_ids") if rec is not None else None
         if origin and ids[: len(origin)] == origin:
@@ -365,6 +376,7 @@ class AttentionStore:
                 cache._expect_first = len(ids) - keep.numel()
         if reuse > 0:
             cache.prefix_ids = ids[:reuse]
+            cache._base_ids = list(cache.prefix_ids)
             cache.source = tier
             self._count("hits")
             self._count(f"hits_{tier}")
@@ -507,6 +519,9 @@ class AttentionStore:
     # ---- save ---------------------------------------------------------------------------------------------
     def record_from_cache(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
         """Snapshot ``cache`` (host copies of its pre-RoPE K/V) as a record of ``sequences``' tokens (blocking)."""
+        if cache.masked:
+            raise ValueError("this cache ran with an attention mask that hides tokens (padding): its K/V depend on "
+                             "that mask and cannot be stored as the conversation's")
         head = self._record_head(session_id, cache, sequences)
         return self._build_record(head, Snapshot(cache, self.config.codec, head["prompt"]))
 
@@ -514,6 +529,8 @@ class AttentionStore:
         """Everything of a record but its tensors; raises ValueError for a ``sequences`` that does not fit."""
         seq = _as_ids(sequences)[0].tolist()
         n = cache.get_seq_length()
+        if n == 0:
+            raise ValueError("the cache is empty: nothing to save (run generate() with it first)")
         if n > len(seq):
             raise ValueError(f"the cache holds {n} tokens but sequences has only {len(seq)}: pass generate()'s output")
         # the ids the cache was made for (cache.input_ids; the restored ones at least): a record claiming the K/V
@@ -523,6 +540,11 @@ class AttentionStore:
         if seq[:m] != made_for[:m]:
             raise ValueError("sequences does not start with the ids this cache was made for (cache.input_ids): pass "
                              "generate()'s output for the same conversation")
+        held = cache.held_ids()  # the ids the forwards were given: the K/V are theirs
+        if held is not None and len(held) >= n and seq[:n] != held[:n]:
+            at = next(i for i, (a, b) in enumerate(zip(seq, held)) if a != b)
+            raise ValueError(f"sequences differs from the tokens this cache computed at position {at}: pass the "
+                             "output of the generate() call that ran on this cache")
         rows = max((layer.keys.shape[0] for layer in cache.layers if layer.is_initialized and layer.keys is not None),
                    default=1)
         prompt = None
@@ -555,8 +577,9 @@ class AttentionStore:
 
         Returns at once (``async_save``): the K/V are copied off the device without blocking compute (a write
         stream on CUDA) and the record is built and committed by a background thread. The returned future's
-        ``result()`` is the committed :class:`SessionRecord`. The next ``cache_for`` of the same session waits for
-        it; :meth:`flush` waits for every save. The last generated token has no KV yet (the next turn prefills
+        ``result()`` is the committed :class:`SessionRecord` (``None`` if nothing was stored: a turn whose attention
+        mask hid tokens, padding, has K/V that depend on that mask; a warning says so). The next ``cache_for`` of
+        the same session waits for it; :meth:`flush` waits for every save. The last generated token has no KV yet (the next turn prefills
         it). The record goes to DRAM, and to disk in the background (write-through) or when evicted / at
         :meth:`close` (write-back).
         """
@@ -564,6 +587,14 @@ class AttentionStore:
         session_id = _check_session_id(session_id)
         if not isinstance(cache, AttentionStoreCache):
             raise TypeError(f"save() needs an AttentionStoreCache (from store.cache_for), got {type(cache).__name__}")
+        if cache.masked:
+            log.warning("session %r: this turn ran with an attention mask that hides tokens (padding); its K/V "
+                        "depend on that mask, so it is not stored (the session keeps its previous record)",
+                        session_id)
+            self._count("saves_skipped")
+            done: Future = Future()
+            done.set_result(None)
+            return done
         t0 = time.perf_counter()
         head = self._record_head(session_id, cache, sequences)
         key = self._key(session_id)
