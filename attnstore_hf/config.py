@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -12,17 +14,21 @@ from .errors import ConfigError
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 
 
 def parse_size(value: int | float | str | None, name: str = "size") -> int | None:
-    """Parse a byte size: an int, or a string like ``"2GB"``, ``"512 MiB"`` or ``"1.5gb"``. ``None`` means unbounded."""
+    """Parse a byte size: an int, or a string like ``"2GB"``, ``"512 MiB"``, ``"1.5gb"`` or ``"2G"`` (K, M, G, T:
+    decimal, as KB...). ``None`` means unbounded."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise ConfigError(f"{name} must be a number of bytes or a string like '2GB', got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number of bytes (None for unbounded), got {value!r}")
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value!r}")
         return int(value)
@@ -132,7 +138,27 @@ class StoreConfig:
     stage_layers: int | None = None
     restore_thread: bool = False
 
+    def _check_types(self) -> None:
+        """Flags are bools and counts ints (``"no"`` would be true, ``2.5`` layers meaningless); seconds and ratios
+        finite numbers."""
+        for name in ("pin_memory", "fsync", "layerwise", "async_save", "restore_thread"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, optional in (("save_workers", False), ("prefetch_workers", False), ("save_queue", False),
+                               ("stage_sessions", False), ("keep_prefix", False), ("reserve_tokens", False),
+                               ("stage_layers", True), ("max_context", True)):
+            v = getattr(self, name)
+            if not (v is None and optional) and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ConfigError(f"{name} must be an int{' or None' if optional else ''}, got {v!r}")
+        for name, optional in (("ttl_seconds", True), ("redis_ttl_seconds", True), ("truncation_ratio", False),
+                               ("redis_timeout_s", False)):
+            v = getattr(self, name)
+            if not (v is None and optional) and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                                 or not math.isfinite(v)):
+                raise ConfigError(f"{name} must be a finite number{' or None' if optional else ''}, got {v!r}")
+
     def __post_init__(self) -> None:
+        self._check_types()
         self.dram_bytes = parse_size(self.dram_bytes, "dram_bytes")
         self.disk_bytes = parse_size(self.disk_bytes, "disk_bytes")
         self.redis_chunk_bytes = parse_size(self.redis_chunk_bytes, "redis_chunk_bytes")
@@ -142,7 +168,11 @@ class StoreConfig:
         if self.disk_dir == "default":
             self.disk_dir = default_disk_dir()
         if self.disk_dir is not None:
+            if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir).strip():
+                raise ConfigError(f"disk_dir must be a directory path (None: no disk tier), got {self.disk_dir!r}")
             self.disk_dir = Path(self.disk_dir).expanduser()
+            if self.disk_dir.exists() and not self.disk_dir.is_dir():
+                raise ConfigError(f"disk_dir {str(self.disk_dir)!r} exists and is not a directory")
         if not isinstance(self.namespace, str) or not self.namespace:
             raise ConfigError(f"namespace must be a non-empty string, got {self.namespace!r}")
         if self.write_policy not in ("write_through", "write_back"):
@@ -166,6 +196,13 @@ class StoreConfig:
             raise ConfigError("keep_prefix and reserve_tokens must be >= 0")
         if self.max_context is not None and self.max_context < 2:
             raise ConfigError(f"max_context must be >= 2, got {self.max_context!r}")
+        if self.max_context is not None and self.reserve_tokens >= self.max_context:
+            raise ConfigError(f"reserve_tokens ({self.reserve_tokens}) must be below max_context "
+                              f"({self.max_context}): no turn would fit")
+        if self.redis_timeout_s <= 0:
+            raise ConfigError(f"redis_timeout_s must be > 0, got {self.redis_timeout_s!r}")
+        if self.redis_chunk_bytes < 1:
+            raise ConfigError(f"redis_chunk_bytes must be at least 1 byte, got {self.redis_chunk_bytes!r}")
         if self.restore_mode not in ("auto", "load", "recompute", "both", "tail"):
             raise ConfigError("restore_mode must be 'auto', 'load', 'recompute', 'both' or 'tail', got "
                               f"{self.restore_mode!r}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import attnstore_hf
-from attnstore_hf import (AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError, parse_size,
+from attnstore_hf import (AttentionStore, AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError, parse_size,
                           patch_model, unpatch_model)
 from attnstore_hf.cache import GROWTH_FACTOR, MIN_GROWTH, ChunkedLayer
 from conftest import VOCAB, compare, greedy, random_ids, saved_turn, tiny_model
@@ -65,6 +66,33 @@ def test_sizes():
         StoreConfig(write_policy="sometimes")
     with pytest.raises(ConfigError):
         StoreConfig(namespace="")
+    assert parse_size("2G") == parse_size("2GB") and parse_size("512k") == 512_000
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="finite"):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("layerwise", "no"), ("pin_memory", "false"), ("fsync", 0), ("save_workers", "2"), ("save_queue", 1.5),
+    ("stage_layers", 2.5), ("max_context", 100.5), ("keep_prefix", None), ("truncation_ratio", "0.5"),
+    ("ttl_seconds", "-1"), ("redis_timeout_s", -1), ("redis_timeout_s", float("nan")), ("redis_chunk_bytes", 0),
+    ("disk_dir", ""), ("disk_dir", 3)])
+def test_config_rejects_values_of_the_wrong_kind(field, value):
+    """A flag given as "no" would be true and 2.5 layers meaningless: each is a ConfigError naming the field."""
+    with pytest.raises(ConfigError, match=field):
+        StoreConfig(**{field: value})
+
+
+def test_config_rejects_unusable_directories_and_windows(tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        StoreConfig(disk_dir=a_file)
+    with pytest.raises(ConfigError, match="cannot be created"):
+        AttentionStore(StoreConfig(disk_dir=a_file / "sub"))
+    with pytest.raises(ConfigError, match="reserve_tokens"):  # every turn would overflow
+        StoreConfig(max_context=100)
+    assert StoreConfig(max_context=100, reserve_tokens=20, save_workers=np.int64(2)).save_workers == 2
 
 
 def test_chunked_layer_grows_in_chunks_not_per_step():

@@ -130,11 +130,16 @@ def test_hostile_session_ids_stay_inside_disk_dir(store_factory, tmp_path):
         assert fresh.cache_for(model, sid, seq).reused_tokens == seq.shape[1] - 9 - 1
 
 
-def test_leftover_temp_files_are_cleaned(store_factory, tmp_path):
+def test_leftover_temp_files_are_cleaned_and_nobody_elses(store_factory, tmp_path):
+    """A write interrupted by a crash leaves ``<key>.<pid>.<thread>.tmp``: removed at start. Files of the same
+    directory that merely end in .tmp (a user's, another tool's) are not the store's to delete."""
     (tmp_path / "kv").mkdir()
     (tmp_path / "kv" / f"{'a' * 64}.123.456.tmp").write_bytes(b"half a record")
+    others = ["draft.tmp", "report.final.tmp", f"{'b' * 64}.tmp", "notes.1.2.tmp"]
+    for name in others:
+        (tmp_path / "kv" / name).write_bytes(b"someone's")
     store_factory()
-    assert [p.name for p in (tmp_path / "kv").iterdir()] == [".lock"]
+    assert sorted(p.name for p in (tmp_path / "kv").iterdir()) == sorted([".lock"] + others)
 
 
 def test_decoder_rejects_every_kind_of_garbage():

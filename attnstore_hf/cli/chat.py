@@ -110,11 +110,13 @@ def turn(model, tok, store, session: str, history: list[int], user: str, max_new
     cache = store.cache_for(model, session, ids)
     ids = cache.input_ids  # the kept tokens + the new ones, if the conversation outgrew the window
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                             stopping_criteria=stop_at_newline(tok), streamer=stream)
+        # every id is the conversation's, a generated pad id too: masked by none (generate() would infer a mask)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=stop_at_newline(tok),
+                             streamer=stream)
     rec = store.save(session, cache, out).result()
     reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    per_token = rec.nbytes / max(rec.num_tokens, 1)
+    per_token = rec.nbytes / max(rec.num_tokens, 1) if rec is not None else 0.0
     info = {"ttft_s": (stream.first or time.perf_counter()) - stream.start, "prompt_tokens": ids.shape[1],
             "restored": cache.reused_tokens, "prefilled": ids.shape[1] - cache.reused_tokens,
             "source": cache.source, "restored_bytes": int(per_token * cache.reused_tokens),
@@ -208,8 +210,8 @@ def run_demo(model, tok, store, args) -> int:
     ids = torch.tensor([history[: info["prompt_tokens"]]])
     stream = _Stream(tok, echo=False)
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             stopping_criteria=stop_at_newline(tok), streamer=stream)
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=False, stopping_criteria=stop_at_newline(tok), streamer=stream)
     ttft_ref = stream.first - stream.start
     same = ref[0].tolist() == history
     print(f"\nlast turn recomputed without the store: ttft {ttft_ref:.2f} s vs {info['ttft_s']:.2f} s restored "

@@ -7,17 +7,22 @@ import json
 import logging
 import struct
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..record import SessionRecord
 from .policy import LRUPolicy, Policy
 
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
+#: the temporary files this tier writes (``<key>.<pid>.<thread>.tmp``): only these are ever removed, never a file
+#: of someone else's that happens to end in .tmp
+_OUR_TMP = re.compile(r"[0-9a-f]{64}\.[0-9]+(\.[0-9]+)?" + re.escape(TMP_SUFFIX))
 QUARANTINE = "quarantine"
 LOCK = ".lock"
 
@@ -37,7 +42,10 @@ class DiskTier:
                  fsync: bool = True):
         self.fsync = fsync
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"disk_dir {str(self.dir)!r} cannot be created: {exc}") from exc
         self.capacity = capacity_bytes
         self.policy = policy or LRUPolicy()
         self._lock = threading.RLock()
@@ -62,7 +70,7 @@ class DiskTier:
         found = []
         with self._dir_lock():
             for p in self.dir.iterdir():
-                if p.name.endswith(TMP_SUFFIX):  # a write interrupted by a crash: never a valid record
+                if _OUR_TMP.fullmatch(p.name):  # a write interrupted by a crash: never a valid record
                     if self._stale_tmp(p):
                         try:
                             p.unlink()
