@@ -267,3 +267,42 @@ def test_format_1_records_with_sha256_checksums_are_still_read(store_factory, mo
         assert torch.equal(ours.sequences, ref.sequences)
         assert (ours.logits[0] - ref.logits[0]).abs().max().item() <= 1e-4
         store.close()
+
+
+def test_with_several_writers_the_newest_turn_of_a_session_is_what_the_disk_keeps(tmp_path):
+    """save_workers > 1: two disk writes of one session may run at once or out of order; the older one must not
+    land last (a restart would then resume a stale turn). Saves of 12 sessions, 3 turns each, back to back."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    for attempt in range(3):
+        d = tmp_path / f"kv{attempt}"
+        want = {}
+        with AttentionStore(StoreConfig(disk_dir=d, save_workers=4)) as store:
+            for s in range(12):
+                ids = random_ids(8, s)
+                for t in range(3):
+                    cache = store.cache_for(model, f"s{s}", ids)
+                    with torch.no_grad():
+                        model(cache.input_ids[:, cache.get_seq_length():], past_key_values=cache, use_cache=True)
+                    seq = torch.cat([ids, random_ids(1, 100 + s)], 1)
+                    store.save(f"s{s}", cache, seq)
+                    ids = torch.cat([seq, random_ids(40 * (3 - t), 200 + s + t)], 1)
+                want[f"s{s}"] = seq[0].tolist()
+        with AttentionStore(StoreConfig(disk_dir=d)) as fresh:
+            assert {sid: fresh.history(sid) for sid in want} == want
+
+
+def test_a_disk_write_asked_for_after_another_of_the_session_wins(tmp_path):
+    """Both writes of one session queued while a third party holds the session's write slot: whichever the pool
+    starts first, the older is skipped and the newer is on disk."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    with AttentionStore(StoreConfig(disk_dir=tmp_path / "kv", save_workers=2, write_policy="write_back")) as store:
+        out, old = saved_turn(model, store, random_ids(10, 1))
+        _, new = saved_turn(model, store, torch.cat([out.sequences, random_ids(5, 2)], 1))
+        lock = store._write_locks[hash(old.key) % len(store._write_locks)]
+        with lock:
+            store._write_disk_async(old)
+            store._write_disk_async(new)
+            time.sleep(0.05)  # both jobs started and wait for the slot
+        store.flush()
+        assert store.disk.get(new.key).token_ids == new.token_ids
+        assert store.stats()["disk_writes"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -106,6 +107,10 @@ class AttentionStore:
         self._prefetch_pool = ThreadPoolExecutor(self.config.prefetch_workers, thread_name_prefix="attnstore-prefetch")
         self._pending: set[Future] = set()
         self._writing: dict[str, SessionRecord] = {}  # records on their way to disk: still served
+        # disk writes of one session run one at a time, in the order they were asked for, and a write a newer one
+        # was asked after is skipped (with save_workers > 1 an older record could otherwise land last)
+        self._disk_gen: dict[str, int] = {}
+        self._write_locks = [threading.Lock() for _ in range(64)]
         self._prefetching: set[str] = set()
         self._prefetched: set[str] = set()  # in DRAM thanks to a prefetch, not used yet
         self._protect_dram: frozenset[str] = frozenset()
@@ -687,7 +692,8 @@ class AttentionStore:
     def _write_disk_async(self, rec: SessionRecord) -> None:
         with self._lock:
             self._writing[rec.key] = rec
-        self._submit(self._write_disk, rec)
+            gen = self._disk_gen[rec.key] = self._disk_gen.get(rec.key, 0) + 1
+        self._submit(functools.partial(self._write_disk, gen=gen), rec)
 
     def _submit(self, fn, rec: SessionRecord) -> None:
         """Run ``fn(rec)`` on a writer thread; :meth:`flush` waits for it."""
@@ -705,7 +711,17 @@ class AttentionStore:
         codec = self.config.disk_codec
         return rec if codec is None or codec == rec.codec else transcode(rec, codec)
 
-    def _write_disk(self, rec: SessionRecord) -> None:
+    def _write_disk(self, rec: SessionRecord, gen: int | None = None) -> None:
+        """Write ``rec`` to disk; ``gen``: its place among this session's asynchronous writes (skipped if a newer
+        one was asked for: that one writes)."""
+        with self._write_locks[hash(rec.key) % len(self._write_locks)]:
+            with self._lock:
+                superseded = gen is not None and gen < self._disk_gen.get(rec.key, 0)
+            if superseded:
+                return
+            self._write_disk_now(rec)
+
+    def _write_disk_now(self, rec: SessionRecord) -> None:
         rec = self._far_copy(rec)
         try:
             before = self.disk.evictions
