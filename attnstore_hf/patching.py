@@ -13,6 +13,16 @@ from torch import nn
 from .patches import FamilyAdapter, get_adapter
 
 _ATTR = "_attnstore_patch"
+#: bumped whenever any module registers or replaces a parameter (``load_state_dict(assign=True)``, ``module.weight
+#: = nn.Parameter(...)``): a patch then re-reads its model's parameter list
+_PARAM_EPOCH = [0]
+
+
+def _on_parameter_registered(module, name, param):
+    _PARAM_EPOCH[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registered)
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype",
                          "_attn_implementation", "_attn_implementation_autoset", "use_cache"}
 
@@ -25,6 +35,9 @@ class ModelPatch:
         self.handles: list = []
         self._local = threading.local()
         self._fingerprint: str | None = None
+        self._weights_seen = None  # the weights' stamp when the fingerprint was taken (see _weights_stamp)
+        self._params: list = []
+        self._params_epoch = -1
         self.kv_shapes: list[tuple[int, int]] = []  # (kv heads, head_dim) per layer
         layers = adapter.layers(model)
         for layer in layers:
@@ -189,9 +202,22 @@ class ModelPatch:
         self.handles.clear()
         self.stash.clear()
 
+    def _weights_stamp(self, model: nn.Module) -> tuple:
+        """Changes when the weights may have: an in-place update bumps a parameter's version (``load_state_dict``,
+        an optimizer step), a replaced parameter the registration epoch, ``model.to(...)`` the dtype or device.
+        ~20 us for 291 parameters, against ~0.5 ms to walk the modules or seconds to hash the weights again."""
+        if self._params_epoch != _PARAM_EPOCH[0]:
+            self._params, self._params_epoch = list(model.parameters()), _PARAM_EPOCH[0]
+        p0 = self._params[0]
+        return sum(p._version for p in self._params), p0.dtype, p0.device, self._params_epoch
+
     def fingerprint(self, model: nn.Module) -> str:
-        if self._fingerprint is None:
+        """:func:`model_fingerprint`, taken again when the weights changed since (records of the old weights are
+        then another model's: a miss, never a wrong answer)."""
+        stamp = self._weights_stamp(model)
+        if self._fingerprint is None or stamp != self._weights_seen:
             self._fingerprint = model_fingerprint(model)
+            self._weights_seen = stamp
         return self._fingerprint
 
 

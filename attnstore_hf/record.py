@@ -22,7 +22,8 @@ READABLE_VERSIONS = (1, 2)
 #: speed (~20x sha256 on this CPU), which matters because every record is hashed on every write and read.
 CHECKSUM = "xxh3_128"
 MAGIC = "attnstore-hf"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
 # dtype of stored k/v per codec (None: the record's dtype)
 _CODEC_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
                  "fp8": getattr(torch, "float8_e4m3fn", None)}
@@ -241,7 +242,8 @@ class SessionRecord:
                    layers, head.get("meta") or {}, codec)
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I8": torch.int8,
               "F8_E4M3": getattr(torch, "float8_e4m3fn", None)}
 _ST_NAMES = {dt: name for name, dt in _ST_DTYPES.items() if dt is not None}
 

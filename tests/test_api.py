@@ -390,3 +390,32 @@ def test_plain_forwards_of_a_patched_model_keep_no_keys():
     cache = AttentionStoreCache(model)
     model(ids, past_key_values=cache, use_cache=True)
     assert patch.stash == {} and cache.layers[0].raw_state()[0].shape[-2] == 30
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "assign", "optimizer_step", "to_dtype"])
+def test_weights_changed_after_patching_make_old_records_another_models(how, store_factory, caplog):
+    """A checkpoint loaded into the same model object (in place or by replacing the parameters), an optimizer
+    step, a cast: the records of the old weights are a miss with a warning, and the turn is exact for the new
+    weights (before: the old K/V were restored, a wrong answer)."""
+    model = tiny_model("llama")
+    store = store_factory()
+    out, _ = saved_turn(model, store, random_ids(20, 1))
+    other = tiny_model("llama", seed=5).state_dict()
+    if how == "load_state_dict":
+        model.load_state_dict(other)
+    elif how == "assign":
+        model.load_state_dict(other, assign=True)
+    elif how == "optimizer_step":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(out.sequences, labels=out.sequences).loss.backward()
+        opt.step()
+        model.zero_grad()
+    else:
+        model.to(torch.float64)
+    ids = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    with caplog.at_level("WARNING"):
+        cache = store.cache_for(model, "s", ids)
+    assert cache.reused_tokens == 0 and "another model" in caplog.text
+    compare(model, cache, ids)
+    saved_turn(model, store, ids)  # the new weights' record is restored next
+    assert store.cache_for(model, "s", torch.cat([ids, random_ids(3, 3)], 1)).reused_tokens > 0
