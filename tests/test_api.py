@@ -259,6 +259,9 @@ def test_closed_store_says_so(store_factory):
     store.close()
     with pytest.raises(attnstore_hf.AttnStoreError, match="closed"):
         store.cache_for(tiny_model("llama"), "s", random_ids(5, 0))
+    with pytest.raises(attnstore_hf.AttnStoreError, match="closed"):
+        store.drop("s")  # it would delete files a new store on the directory serves
+    assert store.stats()["lookups"] == 0  # reading what it counted still works
 
 
 def test_generate_given_other_ids_than_the_turn_is_refused_at_any_length(store_factory):

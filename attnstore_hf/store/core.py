@@ -877,7 +877,8 @@ class AttentionStore:
         self._prefetch_pool.submit(lambda: None).result()
 
     def drop(self, session_id: str) -> None:
-        """Forget a session in every tier."""
+        """Forget a session in every tier (a closed store raises: it changes nothing any more)."""
+        self._check_open()
         self.flush()
         key = self._key(_check_session_id(session_id))
         self._drop_staged(key)
