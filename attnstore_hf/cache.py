@@ -364,6 +364,7 @@ class AttentionStoreCache(Cache):
         self._fed: list[torch.Tensor] | None = []  # ids of each forward (batch 1), to check what save() is given
         self._base_ids: list[int] = []             # ids of the tokens the cache held before those forwards
         self.masked = False  # a forward ran with an attention mask hiding tokens: the K/V depend on that mask
+        self.record_turn = 0  # the turn of the record cache_for found (0: none); a save of this cache is one more
 
     # ---- layer-wise restore -------------------------------------------------------------------------------------
     def _wait_layer(self, layer_idx: int) -> None:

@@ -203,3 +203,57 @@ def test_keys_share_one_hash_slot_and_carry_namespace(redis_server, tmp_path):
     assert keys and all(k.startswith(b"attnstore:tenant-x:{") for k in keys)
     tags = {k[k.index(b"{"): k.index(b"}") + 1] for k in keys}
     assert len(tags) == 1  # one hash tag: one Cluster slot for the whole record
+
+
+def test_drop_removes_the_shared_record_too(redis_server, tmp_path):
+    """drop() "forgets a session everywhere": the Redis copy as well, or the next lookup (here or on any
+    replica) would bring it back."""
+    model = tiny_model("llama")
+    a = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url))
+    b = AttentionStore(StoreConfig(disk_dir=tmp_path / "b", redis_url=redis_server.url))
+    ids = random_ids(20, 1)
+    _, out = _turn(model, a, ids)
+    ids2 = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    a.drop("s")
+    assert a.history("s") is None
+    for store in (a, b):
+        assert store.cache_for(model, "s", ids2).reused_tokens == 0
+    a.close()
+    b.close()
+
+
+def test_replicas_follow_a_truncated_conversation_by_its_turn(redis_server, tmp_path):
+    """Two replicas on one Redis take turns of a conversation that outgrows the window (CA truncation, the user
+    keeps the full conversation). A truncated turn's record holds fewer tokens than an older one, so "the longer
+    record is newer" picked a replica's stale local copy (0.51 logit difference against one replica). Records
+    count their turn: each replica restores exactly what a single replica does."""
+    model = tiny_model("mistral")
+    kw = dict(redis_url=redis_server.url, max_context=48, reserve_tokens=4, truncation="ca")
+
+    def chain(stores):
+        full, seen = random_ids(30, 1), []
+        for k in range(4):
+            store = stores[k % len(stores)]
+            cache = store.cache_for(model, "s", full)
+            out = greedy(model, cache.input_ids, cache)
+            seen.append((cache.reused_tokens, cache.truncated, out))
+            store.save("s", cache, out.sequences).result()
+            store.flush()
+            full = torch.cat([full, out.sequences[:, cache.input_ids.shape[1]:], random_ids(9, 10 + k)], 1)
+        return seen
+
+    one = AttentionStore(StoreConfig(disk_dir=tmp_path / "one", **kw))
+    single = chain([one])
+    one.close()
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    pair = [AttentionStore(StoreConfig(disk_dir=tmp_path / d, **kw)) for d in ("a", "b")]
+    shared = chain(pair)
+    for store in pair:
+        store.close()
+    assert any(t for _, t, _ in single)  # the conversation was truncated on the way
+    for (r1, t1, o1), (r2, t2, o2) in zip(single, shared):
+        assert (r1, t1) == (r2, t2)
+        assert torch.equal(o1.sequences, o2.sequences)
+        assert max((a - b).abs().max().item() for a, b in zip(o1.logits, o2.logits)) <= TOL

@@ -244,3 +244,57 @@ def test_dram_records_are_pinned_on_cuda(tmp_path):
     r, _ = store.get_record("a")
     assert all(lay.keys.is_pinned() and lay.values.is_pinned() for lay in r.layers)
     store.close()
+
+
+def test_records_written_with_another_disk_codec_leave_the_write_queue(tmp_path):
+    """With disk_codec != codec the disk gets a transcoded copy: the record queued for writing must still leave the
+    queue once written (it stayed there: DRAM's bound was ignored, an evicted session was served as a DRAM hit
+    and a dropped one came back)."""
+    store = make(tmp_path, "lru", dram_records=1, disk_codec="int8")
+    store.put_record(rec("a"))
+    store.put_record(rec("b"))  # a leaves DRAM
+    store.flush()
+    assert store._writing == {}
+    assert store.get_record("a")[1] == "disk"
+    store.drop("a")
+    assert store.get_record("a") == (None, None) and store.history("a") is None
+    store.close()
+
+
+@pytest.mark.parametrize("then", ["save", "drop"])
+def test_a_prefetch_read_under_way_does_not_bring_an_older_record_back(then, tmp_path, monkeypatch):
+    """plan() starts reading a session from disk; the session is saved anew (or dropped) before the read ends. The
+    prefetched record is the older one: it must not replace the newer record in DRAM (a write-back store would
+    then lose the newer turn) nor bring a dropped session back."""
+    import threading
+
+    store = make(tmp_path, "scheduler", dram_records=1)
+    store.put_record(rec("a"))
+    store.put_record(rec("b"))  # a is on disk only
+    store.flush()
+    reading, go = threading.Event(), threading.Event()
+    open_lazy = store.disk.open_lazy
+
+    def slow_read(*args, **kwargs):
+        opened = open_lazy(*args, **kwargs)  # the file as it is now (the old record), header read
+        if threading.current_thread().name.startswith("attnstore-prefetch"):
+            reading.set()
+            assert go.wait(10)
+        return opened
+
+    monkeypatch.setattr(store.disk, "open_lazy", slow_read)
+    assert store.plan(["a", "b"]) == ["a"]
+    assert reading.wait(10)
+    newer = rec("a", salt=1)
+    if then == "save":
+        store.put_record(newer)
+    else:
+        store.drop("a")
+    go.set()
+    for _ in range(200):
+        if session_key("default", "a") not in store._prefetching:
+            break
+        time.sleep(0.01)
+    got, _ = store.get_record("a")
+    assert (got is None) if then == "drop" else same(got, newer)
+    store.close()

@@ -58,6 +58,18 @@ def _as_ids(input_ids) -> torch.Tensor:
     return ids.long()
 
 
+def _newer(shared: dict | None, local: SessionRecord) -> bool:
+    """Whether the shared record (its Redis manifest: ``tokens``, ``turn``) is of a later turn than ``local``. By
+    the turn each save counts (the turn restored + 1): a truncated conversation's newer record may hold fewer
+    tokens than an older one. Records saved before turns were counted: the one holding more tokens."""
+    if shared is None:
+        return False
+    turn, local_turn = shared.get("turn"), local.meta.get("turn")
+    if turn is not None and local_turn is not None:
+        return int(turn) > int(local_turn)
+    return shared.get("tokens", -1) > local.num_tokens
+
+
 def _shapes_match(rec: SessionRecord, kv_shapes: list[tuple[int, int]]) -> bool:
     if len(rec.layers) != len(kv_shapes):
         return False
@@ -111,6 +123,12 @@ class AttentionStore:
         # was asked after is skipped (with save_workers > 1 an older record could otherwise land last)
         self._disk_gen: dict[str, int] = {}
         self._write_locks = [threading.Lock() for _ in range(64)]
+        # a session's version: bumped by every save and drop. A record read from a lower tier (prefetch, a lookup's
+        # promotion, a streamed restore) goes into DRAM only if the version did not change while it was read:
+        # else an older record would replace the newer one, or bring a dropped session back
+        self._versions: dict[str, int] = {}
+        self._dram_locks = [threading.Lock() for _ in range(64)]
+        self._fingerprints: set[str] = set()  # of the models this store served: drop() finds Redis keys by them
         self._prefetching: set[str] = set()
         self._prefetched: set[str] = set()  # in DRAM thanks to a prefetch, not used yet
         self._protect_dram: frozenset[str] = frozenset()
@@ -143,6 +161,7 @@ class AttentionStore:
         key = self._key(session_id)
         self._wait_save(key)
         t0 = time.perf_counter()
+        since = self._version(key)
         rec, tier = self.dram.get(key), "dram"
         if rec is None:
             with self._lock:
@@ -158,8 +177,11 @@ class AttentionStore:
             rec = None
         if rec is None:
             return None, None
-        if tier in ("disk", "redis") and getattr(rec, "_lazy", None) is None:
-            self._put_dram(rec)
+        if tier in ("disk", "redis"):
+            if getattr(rec, "_lazy", None) is None:
+                self._promote(rec, since)
+            else:
+                rec._since = since  # promoted once streamed whole (_finish_lazy)
         elif key in self._prefetched:
             self._prefetched.discard(key)
             self._count("prefetch_hits")
@@ -230,7 +252,8 @@ class AttentionStore:
 
         try:
             far = self._far_copy(rec)
-            n = self.redis.put_bytes(rec.key, rec.fingerprint, far.to_bytes(), tokens=rec.num_tokens)
+            n = self.redis.put_bytes(rec.key, rec.fingerprint, far.to_bytes(), tokens=rec.num_tokens,
+                                     turn=rec.meta.get("turn"))
         except RedisUnavailable as exc:
             self._count("redis_errors")
             log.warning("session %r: could not publish the record to Redis (%s); local tiers keep it",
@@ -308,6 +331,7 @@ class AttentionStore:
         t0 = time.perf_counter()
         cache = AttentionStoreCache(model, session_id=session_id)
         fingerprint = cache._patch.fingerprint(model)
+        self._fingerprints.add(fingerprint)
         self._count("lookups")
         cache._patch.on_prefill = self.cost.observe_prefill
         self._wait_save(self._key(session_id))
@@ -316,18 +340,20 @@ class AttentionStore:
         t_found = time.perf_counter()
         if rec is not None and tier != "redis" and self.redis is not None \
                 and rec.num_tokens < user_ids.shape[1] - 1 and rec.fingerprint == fingerprint:
-            # the local copy may be stale (another replica served a later turn): a longer record may be shared
+            # the local copy may be stale (another replica served a later turn): a newer record may be shared
             from .redis import RedisUnavailable
 
+            since = self._version(rec.key)
             try:
-                longer = (self.redis.tokens(rec.key, fingerprint) or -1) > rec.num_tokens
+                head = self.redis.head(rec.key, fingerprint)
             except RedisUnavailable:
-                longer = False
-            shared = self._get_redis(session_id, rec.key, fingerprint) if longer else None
-            if shared is not None and shared.num_tokens > rec.num_tokens:
+                head = None
+            shared = self._get_redis(session_id, rec.key, fingerprint) if _newer(head, rec) else None
+            if shared is not None and _newer({"tokens": shared.num_tokens, "turn": shared.meta.get("turn")}, rec):
                 self._release_lazy(rec)
                 rec, tier = shared, "redis"
-                self._put_dram(rec)
+                self._promote(rec, since)
+        cache.record_turn = int(rec.meta.get("turn", 0)) if rec is not None else 0
         if rec is not None:
             dtype = dtype_name(next(model.parameters()).dtype)
             if rec.fingerprint != fingerprint or rec.dtype != dtype:
@@ -483,7 +509,7 @@ class AttentionStore:
             return
         self._count("bytes_read_disk", lazy.bytes_read)
         self._release_lazy(rec)
-        self._put_dram(rec)
+        self._promote(rec, getattr(rec, "_since", None))
 
     @staticmethod
     def _release_lazy(rec: SessionRecord | None) -> None:
@@ -560,8 +586,9 @@ class AttentionStore:
             prompt_views(cache, cache.raw_layers(), prompt)  # ValueError if a sliding layer no longer holds it
             log.info("session %r: the cache holds %d beams; saving the %d tokens they share (the reply's %d are "
                      "prefilled next turn)", session_id, rows, n, len(seq) - n)
-        # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete
-        meta = {"tail_ids": seq[n:]}
+        # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete.
+        # turn: one more than the record cache_for found (replicas sharing Redis tell the newer record by it)
+        meta = {"tail_ids": seq[n:], "turn": cache.record_turn + 1}
         if cache.user_ids is not None and cache.input_ids is not None:
             offset = len(cache.user_ids) - cache.input_ids.shape[1]
             if offset > 0:  # truncated: remember the user's coordinates of what the record holds
@@ -663,7 +690,11 @@ class AttentionStore:
             self._sizes[1] += 1
         self._prefetched.discard(rec.key)
         self.policy.touch(rec.key)
-        kept = self._put_dram(rec)
+        with self._dram_lock(rec.key):
+            self._bump(rec.key)
+            kept = self._put_dram(rec)
+        if rec.fingerprint:
+            self._fingerprints.add(rec.fingerprint)
         if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
             self._write_disk_async(rec)
         if self.redis is not None and rec.fingerprint:
@@ -671,6 +702,26 @@ class AttentionStore:
         self._count("saves")
         log.debug("session %r: saved %d tokens (%d bytes)%s", rec.session_id, rec.num_tokens, rec.nbytes,
                   "" if kept else " straight to disk (larger than DRAM)")
+
+    def _dram_lock(self, key: str) -> threading.Lock:
+        return self._dram_locks[hash(key) % len(self._dram_locks)]
+
+    def _bump(self, key: str) -> None:
+        with self._lock:
+            self._versions[key] = self._versions.get(key, 0) + 1
+
+    def _version(self, key: str) -> int:
+        with self._lock:
+            return self._versions.get(key, 0)
+
+    def _promote(self, rec: SessionRecord, since: int | None, protect=None) -> bool:
+        """Put ``rec``, read from a lower tier, into DRAM unless the session was saved or dropped since version
+        ``since`` (then the newer state stays). Returns whether ``rec`` went in."""
+        with self._dram_lock(rec.key):
+            if since is not None and self._version(rec.key) != since:
+                log.debug("session %r: saved or dropped while its record was read; not promoted", rec.session_id)
+                return False
+            return self._put_dram(rec, protect=protect)
 
     def _put_dram(self, rec: SessionRecord, protect=None) -> bool:
         """Put ``rec`` in DRAM; demote what it evicts. Returns whether ``rec`` itself stayed in DRAM."""
@@ -721,8 +772,8 @@ class AttentionStore:
                 return
             self._write_disk_now(rec)
 
-    def _write_disk_now(self, rec: SessionRecord) -> None:
-        rec = self._far_copy(rec)
+    def _write_disk_now(self, asked: SessionRecord) -> None:
+        rec = self._far_copy(asked)  # (another object when disk_codec differs: `asked` is what _writing holds)
         try:
             before = self.disk.evictions
             # write-back: a session also in DRAM has its newest record there and is written again when demoted,
@@ -732,12 +783,13 @@ class AttentionStore:
             self._count("evictions_disk", self.disk.evictions - before)
         except OSError as exc:
             self._count("disk_write_errors")
-            log.warning("session %r: could not write record to %s (%s); it stays in DRAM only",
-                        rec.session_id, self.disk.dir, exc)
+            kept = "it stays in DRAM only" if self.dram.contains(rec.key) else "it is not stored (larger than DRAM)"
+            log.warning("session %r: could not write record to %s (%s); %s", rec.session_id, self.disk.dir, exc,
+                        kept)
             return
         finally:
             with self._lock:
-                if self._writing.get(rec.key) is rec:
+                if self._writing.get(rec.key) is asked:
                     del self._writing[rec.key]
         self._count("disk_writes")
         self._count("bytes_written_disk", n)
@@ -802,6 +854,7 @@ class AttentionStore:
 
     def _prefetch(self, session_id: str, key: str, protect: frozenset) -> None:
         try:
+            since = self._version(key)
             if self.dram.contains(key):
                 return
             # not read at all if it would push out a session nearer the head of the queue
@@ -809,7 +862,7 @@ class AttentionStore:
                                   admit=lambda r: self.dram.fits(r.nbytes, protect))
             if rec is None:
                 return
-            if self._put_dram(rec, protect=protect):
+            if self._promote(rec, since, protect=protect):
                 self._prefetched.add(key)
                 self._count("prefetches")
         except Exception as exc:  # a prefetch is an optimisation: never let it take the store down
@@ -877,17 +930,30 @@ class AttentionStore:
         self._prefetch_pool.submit(lambda: None).result()
 
     def drop(self, session_id: str) -> None:
-        """Forget a session in every tier (a closed store raises: it changes nothing any more)."""
+        """Forget a session in every tier: DRAM, disk and, in Redis, its records for the models this store has
+        served (a closed store raises: it changes nothing any more)."""
         self._check_open()
         self.flush()
         key = self._key(_check_session_id(session_id))
         self._drop_staged(key)
         self._forget(key)
+        if self.redis is not None:
+            from .redis import RedisUnavailable
+
+            for fp in sorted(self._fingerprints):
+                try:
+                    self.redis.remove(key, fp)
+                except RedisUnavailable as exc:
+                    self._count("redis_errors")
+                    log.warning("session %r: could not remove its shared record from Redis (%s)", session_id, exc)
+                    break
 
     def _forget(self, key: str) -> None:
-        self.dram.remove(key)
-        if self.disk is not None:
-            self.disk.remove(key)
+        with self._dram_lock(key):
+            self._bump(key)  # a read of a lower tier in flight does not bring the session back
+            self.dram.remove(key)
+            if self.disk is not None:
+                self.disk.remove(key)
         self._prefetched.discard(key)
         self.policy.forget(key)
 

@@ -106,21 +106,27 @@ class RedisTier:
             return None
         return data
 
-    def tokens(self, key: str, fingerprint: str) -> int | None:
-        """How many tokens the shared record holds (from its manifest, one round trip), or ``None``."""
+    def head(self, key: str, fingerprint: str) -> dict | None:
+        """What the shared record's manifest says of it (one round trip): ``tokens`` it holds and the
+        conversation's ``turn`` it was saved at (``None`` for a record written before turns were counted), or
+        ``None`` if there is none."""
         raw = self._call(lambda: self.client.get(self._base(key, fingerprint) + ":m"))
+        if raw is None:
+            return None
         try:
-            return None if raw is None else int(json.loads(raw).get("tokens", -1))
-        except (ValueError, TypeError):
+            man = json.loads(raw)
+            turn = man.get("turn")
+            return {"tokens": int(man.get("tokens", -1)), "turn": None if turn is None else int(turn)}
+        except (ValueError, TypeError, AttributeError):
             return None
 
-    def put_bytes(self, key: str, fingerprint: str, data: bytes, tokens: int = -1) -> int:
+    def put_bytes(self, key: str, fingerprint: str, data: bytes, tokens: int = -1, turn: int | None = None) -> int:
         """Write chunks, then the manifest; delete the previous write's chunks. Raises :class:`RedisUnavailable`."""
         base = self._base(key, fingerprint)
         wid = uuid.uuid4().hex[:12]
         n = max(1, -(-len(data) // self.chunk_bytes))
         man = json.dumps({"v": MANIFEST_VERSION, "w": wid, "n": n, "size": len(data), "tokens": tokens,
-                          "sha256": hashlib.sha256(data).hexdigest(), "t": time.time()})
+                          "turn": turn, "sha256": hashlib.sha256(data).hexdigest(), "t": time.time()})
 
         def write():
             old = self.client.get(base + ":m")
