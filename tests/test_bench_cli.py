@@ -53,3 +53,33 @@ def test_growth_bench_compares_both_layers(tmp_path):
         per_token = 2 * 1 * 8 * 4  # K and V, 1 head, head_dim 8, fp32
         expected = sum(per_token * (16 + i) for i in range(1, r["decode_steps"] + 1)) / 1e6
         assert r["dynamic_copied_mb"] == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize("tool,argv,says", [
+    ("bench", ["growth", "--steps", "-5"], "argument --steps: expected a positive integer"),
+    ("bench", ["growth", "--repeats", "0"], "argument --repeats: expected a positive integer"),
+    ("bench", ["sim", "--sessions", "-3"], "argument --sessions"),
+    ("bench", ["sim", "--kv-model", "gpt9"], "invalid choice: 'gpt9'"),
+    ("bench", ["sim", "--rate", "nan"], "argument --rate: expected a positive number"),
+    ("bench", ["replay", "--dram", "2XB"], "argument --dram"),
+    ("bench", ["overlap", "--new", "0"], "argument --new"),
+    ("chat", ["--max-new-tokens", "-3"], "argument --max-new-tokens"),
+    ("chat", ["--model", "/nonexistent", "--disk-dir", "{tmp}/kv"], "not a local transformers model directory"),
+    ("chat", ["--disk-dir", "{tmp}/a_file/kv"], "cannot be created"),
+    ("eval", ["--window", "-10"], "argument --window"),
+    ("eval", ["--codecs", "zstd"], "codec must be one of"),
+])
+def test_command_line_mistakes_are_one_error_line(tool, argv, says, tmp_path, capsys):
+    """A wrong argument, or a path that does not work, is argparse's "error:" line and exit status 2 — before any
+    model loads — not a traceback, a StatisticsError, or a run with a negative count."""
+    from attnstore_hf.cli import bench as bench_cli
+    from attnstore_hf.cli import chat as chat_cli
+    from attnstore_hf.cli import eval_accuracy as eval_cli
+
+    (tmp_path / "a_file").write_text("x")
+    main = {"bench": bench_cli.main, "chat": chat_cli.main, "eval": eval_cli.main}[tool]
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and says in err and "Traceback" not in err

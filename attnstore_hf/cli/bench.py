@@ -18,9 +18,10 @@ import torch
 from ..cache import ChunkedLayer
 from ..config import StoreConfig
 from ..record import session_key
+from ..sim import KV_BYTES_PER_TOKEN
 from ..store import AttentionStore
 from . import overlap
-from .common import timed_generate
+from .common import codec_list, positive_float, positive_int, run_main, size, timed_generate
 
 
 def _write_report(rows: list[dict], cols: list[str], path: str | None, extra: dict | None = None) -> str:
@@ -182,7 +183,7 @@ def bench_sim(args) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
     from ..config import parse_size
-    from ..sim import KV_BYTES_PER_TOKEN, SimConfig, build_trace, flat_replay, load_turns, replay
+    from ..sim import SimConfig, build_trace, flat_replay, load_turns, replay
 
     tok = None
     if not args.no_tokenizer:
@@ -429,43 +430,44 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reuse", help="TTFT: recompute vs restored from DRAM vs from disk (Gemma 3 270M)")
     r.add_argument("--model", default=None)
     r.add_argument("--dtype", default="float32")
-    r.add_argument("--histories", type=int, nargs="+", default=[512, 1024, 2048])
-    r.add_argument("--new", type=int, default=64)
-    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--histories", type=positive_int, nargs="+", default=[512, 1024, 2048])
+    r.add_argument("--new", type=positive_int, default=64)
+    r.add_argument("--repeats", type=positive_int, default=3)
     r.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
     r.add_argument("--redis-url", default=None, help="also measure restoring from this Redis")
     rm = sub.add_parser("remote", help="restore from Redis vs local disk vs DRAM vs recompute (2048 tokens)")
     rm.add_argument("--model", default=None)
     rm.add_argument("--dtype", default="float32")
-    rm.add_argument("--histories", type=int, nargs="+", default=[2048])
-    rm.add_argument("--new", type=int, default=64)
-    rm.add_argument("--repeats", type=int, default=3)
+    rm.add_argument("--histories", type=positive_int, nargs="+", default=[2048])
+    rm.add_argument("--new", type=positive_int, default=64)
+    rm.add_argument("--repeats", type=positive_int, default=3)
     rm.add_argument("--redis-url", default=None, help="default: start a temporary redis-server on loopback")
     rm.add_argument("--json", default=None)
     g = sub.add_parser("growth", help="decode-time cache growth: chunked buffers vs DynamicLayer concatenation")
-    g.add_argument("--steps", type=int, nargs="+", default=[256, 1024, 4096])
-    g.add_argument("--prompt", type=int, default=2048)
-    g.add_argument("--heads", type=int, default=1)
-    g.add_argument("--head-dim", type=int, default=256)
-    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--steps", type=positive_int, nargs="+", default=[256, 1024, 4096])
+    g.add_argument("--prompt", type=positive_int, default=2048)
+    g.add_argument("--heads", type=positive_int, default=1)
+    g.add_argument("--head-dim", type=positive_int, default=256)
+    g.add_argument("--repeats", type=positive_int, default=3)
     g.add_argument("--json", default=None)
     m = sub.add_parser("sim", help="trace-driven simulation of the lru / fifo / scheduler policies on ShareGPT")
-    m.add_argument("--sessions", type=int, default=2000)
-    m.add_argument("--rate", type=float, default=2.0, help="new sessions per second (Poisson)")
-    m.add_argument("--think", type=float, default=120.0, help="mean seconds between a reply and the next turn")
-    m.add_argument("--slots", type=int, default=32, help="jobs served at once")
-    m.add_argument("--dram", default="64GB", help="modeled DRAM capacity")
-    m.add_argument("--disk", default="300GB", help="modeled disk capacity")
-    m.add_argument("--kv-model", default="llama2-13b", help="KV bytes per token of this model")
-    m.add_argument("--context", type=int, default=4096, help="records are truncated to this many tokens")
-    m.add_argument("--scale", type=float, default=1e-4, help="tensor and capacity scale (ratios are kept)")
+    m.add_argument("--sessions", type=positive_int, default=2000)
+    m.add_argument("--rate", type=positive_float, default=2.0, help="new sessions per second (Poisson)")
+    m.add_argument("--think", type=positive_float, default=120.0, help="mean seconds between a reply and the next turn")
+    m.add_argument("--slots", type=positive_int, default=32, help="jobs served at once")
+    m.add_argument("--dram", type=size, default="64GB", help="modeled DRAM capacity")
+    m.add_argument("--disk", type=size, default="300GB", help="modeled disk capacity")
+    m.add_argument("--kv-model", default="llama2-13b", choices=sorted(KV_BYTES_PER_TOKEN),
+                   help="KV bytes per token of this model")
+    m.add_argument("--context", type=positive_int, default=4096, help="records are truncated to this many tokens")
+    m.add_argument("--scale", type=positive_float, default=1e-4, help="tensor and capacity scale (ratios are kept)")
     m.add_argument("--sweep", nargs="*", default=["16GB", "32GB", "128GB"],
                    help="more DRAM capacities for the plot (same trace)")
     m.add_argument("--disk-sweep", nargs="*", default=[],
                    help="more disk capacities (DRAM fixed), e.g. 450GB 600GB 1000GB: where LRU and FIFO cross")
     m.add_argument("--png", default=None, help="plot of hit rate vs DRAM capacity")
     m.add_argument("--no-tokenizer", action="store_true", help="count ~4 characters per token instead")
-    m.add_argument("--codecs", default=None, help="also run with records stored by these codecs, e.g. int8,fp8")
+    m.add_argument("--codecs", type=codec_list, default=None, help="also run with records stored by these codecs, e.g. int8,fp8")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--seeds", type=int, nargs="*", default=[],
                    help="also replay traces drawn with these seeds at the default capacities (spread of the gaps)")
@@ -473,19 +475,19 @@ def build_parser() -> argparse.ArgumentParser:
     r2 = sub.add_parser("replay", help="ShareGPT sessions on the real model: recompute vs hf_dynamic vs attnstore")
     r2.add_argument("--model", default=None)
     r2.add_argument("--dtype", default="float32")
-    r2.add_argument("--sessions", type=int, default=12)
-    r2.add_argument("--max-turns", type=int, default=6)
-    r2.add_argument("--user-cap", type=int, default=512, help="tokens kept of each user message")
-    r2.add_argument("--reply-cap", type=int, default=512, help="tokens of each recorded reply (teacher-forced)")
-    r2.add_argument("--rate", type=float, default=2.0, help="new sessions per second (Poisson)")
-    r2.add_argument("--think", type=float, default=5.0, help="mean seconds between turns of a session")
-    r2.add_argument("--model-prefill-tok-s", type=float, default=400.0,
+    r2.add_argument("--sessions", type=positive_int, default=12)
+    r2.add_argument("--max-turns", type=positive_int, default=6)
+    r2.add_argument("--user-cap", type=positive_int, default=512, help="tokens kept of each user message")
+    r2.add_argument("--reply-cap", type=positive_int, default=512, help="tokens of each recorded reply (teacher-forced)")
+    r2.add_argument("--rate", type=positive_float, default=2.0, help="new sessions per second (Poisson)")
+    r2.add_argument("--think", type=positive_float, default=5.0, help="mean seconds between turns of a session")
+    r2.add_argument("--model-prefill-tok-s", type=positive_float, default=400.0,
                     help="service-time model used only to order the queue")
-    r2.add_argument("--dram", default="60MB", help="DRAM tier of the attnstore modes")
-    r2.add_argument("--disk", default="1GB", help="disk tier of the attnstore modes")
+    r2.add_argument("--dram", type=size, default="60MB", help="DRAM tier of the attnstore modes")
+    r2.add_argument("--disk", type=size, default="1GB", help="disk tier of the attnstore modes")
     r2.add_argument("--modes", nargs="*", default=None)
     r2.add_argument("--seed", type=int, default=0)
-    r2.add_argument("--passes", type=int, default=2,
+    r2.add_argument("--passes", type=positive_int, default=2,
                     help="replay the trace this many times, every other pass in reverse mode order")
     r2.add_argument("--png", default=None)
     r2.add_argument("--json", default=None)
@@ -494,7 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.WARNING)
     extra = {"benchmark": args.cmd, "torch_threads": torch.get_num_threads()}

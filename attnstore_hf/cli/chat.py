@@ -17,6 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..config import StoreConfig, default_disk_dir
 from ..models import DEFAULT_MODEL, load_model
 from ..store import AttentionStore
+from .common import positive_int, run_main, size
 
 DEMO_TURNS = [
     "Hi! I am planning a three-day trip to Lisbon in spring. What should I see first?",
@@ -74,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="local model directory (default: bundled Gemma 3 270M)")
     p.add_argument("--session", default="chat", help="conversation name: it persists and resumes across runs")
     p.add_argument("--disk-dir", default=str(default_disk_dir()), help="disk tier directory")
-    p.add_argument("--dram", default="2GB", help="DRAM tier capacity")
+    p.add_argument("--dram", type=size, default="2GB", help="DRAM tier capacity")
     p.add_argument("--namespace", default="default")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--demo", action="store_true", help="play a scripted 3-turn conversation and compare with recompute")
     p.add_argument("--new", action="store_true", help="start the session over (forget what is stored)")
@@ -132,13 +133,17 @@ def _stats_line(info: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.jsonl)
-    stop_at_newline(tok)  # built now, not inside the first turn's time to first token
+    # the store first: a disk directory that cannot be used is said before the model loads
     store = AttentionStore(StoreConfig(dram_bytes=args.dram, disk_dir=args.disk_dir, namespace=args.namespace))
     try:
+        model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.jsonl)
+        stop_at_newline(tok)  # built now, not inside the first turn's time to first token
         if args.new or args.demo:
             store.drop(args.session)
         history = store.history(args.session) or []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import time
 
 import torch
@@ -38,3 +40,73 @@ def timed_generate(model, ids, cache=None, t0: float | None = None, **kwargs):
     extra = {} if cache is None else {"past_key_values": cache}
     out = model.generate(ids, streamer=timer, **extra, **kwargs)
     return out, timer.ttft
+
+
+# ---- argument types: a bad value is argparse's "error: argument --x: ..." before anything loads ---------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def size(text: str) -> str:
+    """A byte size as StoreConfig takes it (``"2GB"``), checked now."""
+    from ..config import parse_size
+    from ..errors import ConfigError
+
+    try:
+        parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def codec_list(text: str) -> str:
+    """Comma-separated record codecs (``int8,fp8``), checked now."""
+    from ..codec import check_codec
+    from ..errors import ConfigError
+
+    for codec in (c.strip() for c in text.split(",")):
+        if codec:
+            try:
+                check_codec(codec)
+            except ConfigError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def run_main(parser: argparse.ArgumentParser, body, argv=None) -> int:
+    """Parse ``argv`` and run ``body(args)``; what a user got wrong that only shows once it is used (a model
+    directory that does not exist, a disk directory that cannot be created, a model family not supported) is
+    argparse's ``error:`` line and exit status 2, not a traceback."""
+    from ..errors import ConfigError, UnsupportedModelError
+
+    args = parser.parse_args(argv)
+    try:
+        return body(args)
+    except (ConfigError, UnsupportedModelError, FileNotFoundError, NotADirectoryError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")

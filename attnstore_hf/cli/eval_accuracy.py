@@ -20,6 +20,7 @@ import torch
 
 from ..config import StoreConfig
 from ..store import AttentionStore
+from .common import codec_list, positive_int, run_main
 
 METHODS = {"CA": "ca", "TT": "tt", "NKVT": "nkvt"}
 
@@ -207,19 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local model directory (default: bundled Gemma 3 270M)")
     p.add_argument("--quick", action="store_true", help="small run (under 10 minutes on a 2-core CPU)")
-    p.add_argument("--window", type=int, default=None, help="context window for truncation (tokens)")
-    p.add_argument("--conversations", type=int, default=None)
-    p.add_argument("--samples", type=int, default=None, help="retrieval samples")
-    p.add_argument("--max-turns", type=int, default=12)
+    p.add_argument("--window", type=positive_int, default=None, help="context window for truncation (tokens)")
+    p.add_argument("--conversations", type=positive_int, default=None)
+    p.add_argument("--samples", type=positive_int, default=None, help="retrieval samples")
+    p.add_argument("--max-turns", type=positive_int, default=12)
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codecs", default=None, help="also evaluate record codecs, e.g. int8,fp8")
+    p.add_argument("--codecs", type=codec_list, default=None, help="also evaluate record codecs, e.g. int8,fp8")
     p.add_argument("--skip-truncation", action="store_true", help="only the codec evaluation")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.WARNING)
     from ..models import load_model

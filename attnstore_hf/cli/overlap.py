@@ -14,6 +14,7 @@ import torch
 from .. import cache as cache_mod
 from ..config import StoreConfig
 from ..store import AttentionStore
+from .common import positive_int, size
 
 #: random-weight shapes for GPU timing (weights do not change the time of a forward)
 SHAPES = {
@@ -277,18 +278,18 @@ def add_parser(sub) -> None:
     o.add_argument("--model", default=None, help=f"a model dir, or a random-weight shape: {', '.join(SHAPES)} "
                                                  "(default: the bundled Gemma 3 270M)")
     o.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    o.add_argument("--histories", type=int, nargs="+", default=None,
+    o.add_argument("--histories", type=positive_int, nargs="+", default=None,
                    help="default: 1024 2048 4096 (CPU), plus 8192 on CUDA")
-    o.add_argument("--new", type=int, default=100)
+    o.add_argument("--new", type=positive_int, default=100)
     o.add_argument("--tier", choices=["dram", "disk"], default="dram", help="where the record is restored from")
-    o.add_argument("--dram", default="64GB")
-    o.add_argument("--repeats", type=int, default=3)
-    o.add_argument("--decode-tokens", type=int, default=64)
-    o.add_argument("--decode-history", type=int, default=1024)
-    o.add_argument("--decode-turns", type=int, default=3, help="turns generated back to back per timed block")
+    o.add_argument("--dram", type=size, default="64GB")
+    o.add_argument("--repeats", type=positive_int, default=3)
+    o.add_argument("--decode-tokens", type=positive_int, default=64)
+    o.add_argument("--decode-history", type=positive_int, default=1024)
+    o.add_argument("--decode-turns", type=positive_int, default=3, help="turns generated back to back per timed block")
     o.add_argument("--restore-thread", action="store_true",
                    help="issue the restore from the loader thread on CUDA too (StoreConfig.restore_thread)")
-    o.add_argument("--group-layers", type=int, default=None,
+    o.add_argument("--group-layers", type=positive_int, default=None,
                    help="also time the layered turn with groups of this many layers (cache.GROUP_LAYERS; "
                         "accelerators only), interleaved with the default: columns layered_alt, "
                         "layered_alt_vs_max")
