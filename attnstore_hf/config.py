@@ -199,6 +199,10 @@ class StoreConfig:
         if self.max_context is not None and self.reserve_tokens >= self.max_context:
             raise ConfigError(f"reserve_tokens ({self.reserve_tokens}) must be below max_context "
                               f"({self.max_context}): no turn would fit")
+        if (self.max_context is not None and self.truncation != "off"
+                and self.keep_prefix >= self.max_context - self.reserve_tokens):
+            raise ConfigError(f"keep_prefix ({self.keep_prefix}) must be below max_context - reserve_tokens "
+                              f"({self.max_context - self.reserve_tokens}): truncation could drop nothing")
         if self.redis_timeout_s <= 0:
             raise ConfigError(f"redis_timeout_s must be > 0, got {self.redis_timeout_s!r}")
         if self.redis_chunk_bytes < 1:

@@ -92,6 +92,8 @@ def test_config_rejects_unusable_directories_and_windows(tmp_path):
         AttentionStore(StoreConfig(disk_dir=a_file / "sub"))
     with pytest.raises(ConfigError, match="reserve_tokens"):  # every turn would overflow
         StoreConfig(max_context=100)
+    with pytest.raises(ConfigError, match="keep_prefix"):  # truncation could drop nothing
+        StoreConfig(max_context=100, reserve_tokens=20, keep_prefix=80)
     assert StoreConfig(max_context=100, reserve_tokens=20, save_workers=np.int64(2)).save_workers == 2
 
 

@@ -257,3 +257,21 @@ def test_replicas_follow_a_truncated_conversation_by_its_turn(redis_server, tmp_
         assert (r1, t1) == (r2, t2)
         assert torch.equal(o1.sequences, o2.sequences)
         assert max((a - b).abs().max().item() for a, b in zip(o1.logits, o2.logits)) <= TOL
+
+
+def test_an_expired_shared_record_is_removed_once_found(redis_server, tmp_path):
+    """ttl_seconds: a record found expired in Redis is a miss and is removed there (before, every later lookup of
+    the session downloaded it again only to find it expired)."""
+    model = tiny_model("llama")
+    a = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url))
+    _, out = _turn(model, a, random_ids(20, 1))
+    a.close()
+    b = AttentionStore(StoreConfig(disk_dir=tmp_path / "b", redis_url=redis_server.url, ttl_seconds=0.05))
+    time.sleep(0.1)
+    ids = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    assert b.cache_for(model, "s", ids).reused_tokens == 0
+    s = b.stats()
+    assert s["expired"] == 1 and s["bytes_read_redis"] > 0
+    assert b.cache_for(model, "s", ids).reused_tokens == 0
+    assert b.stats()["bytes_read_redis"] == s["bytes_read_redis"]  # not downloaded again
+    b.close()

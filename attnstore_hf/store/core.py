@@ -145,8 +145,11 @@ class AttentionStore:
         return session_key(self.namespace, session_id)
 
     def _expired(self, rec: SessionRecord) -> bool:
+        return self._stale(rec.meta.get("saved_at", 0))
+
+    def _stale(self, saved_at) -> bool:
         ttl = self.config.ttl_seconds
-        return ttl is not None and time.time() - float(rec.meta.get("saved_at", 0)) > ttl
+        return ttl is not None and time.time() - float(saved_at or 0) > ttl
 
     def get_record(self, session_id: str, fingerprint: str | None = None,
                    lazy: bool = False) -> tuple[SessionRecord | None, str | None]:
@@ -174,6 +177,13 @@ class AttentionStore:
             self._count("expired")
             self._release_lazy(rec)
             self._forget(key)
+            if tier == "redis":  # else every lookup downloads it again only to find it expired
+                from .redis import RedisUnavailable
+
+                try:
+                    self.redis.remove(key, fingerprint)
+                except RedisUnavailable:
+                    pass
             rec = None
         if rec is None:
             return None, None
@@ -912,7 +922,8 @@ class AttentionStore:
                 out[head["session_id"]] = {"session_id": head["session_id"], "tokens": len(head["token_ids"]),
                                            "bytes": self.disk._index.get(key, 0), "tier": "disk",
                                            "saved_at": head.get("meta", {}).get("saved_at", 0)}
-        return sorted(out.values(), key=lambda r: -float(r["saved_at"] or 0))
+        live = [r for r in out.values() if not self._stale(r["saved_at"])]  # expired: what a lookup would drop
+        return sorted(live, key=lambda r: -float(r["saved_at"] or 0))
 
     # ---- housekeeping ---------------------------------------------------------------------------------------
     def flush(self) -> None:
