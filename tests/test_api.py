@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import attnstore_hf
-from attnstore_hf import (AttentionStore, AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError, parse_size,
-                          patch_model, unpatch_model)
+from attnstore_hf import (AttentionStore, AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError,
+                          parse_size, patch_model, unpatch_model)
 from attnstore_hf.cache import GROWTH_FACTOR, MIN_GROWTH, ChunkedLayer
 from conftest import VOCAB, compare, greedy, random_ids, saved_turn, tiny_model
 

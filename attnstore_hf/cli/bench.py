@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more disk capacities (DRAM fixed), e.g. 450GB 600GB 1000GB: where LRU and FIFO cross")
     m.add_argument("--png", default=None, help="plot of hit rate vs DRAM capacity")
     m.add_argument("--no-tokenizer", action="store_true", help="count ~4 characters per token instead")
-    m.add_argument("--codecs", type=codec_list, default=None, help="also run with records stored by these codecs, e.g. int8,fp8")
+    m.add_argument("--codecs", type=codec_list, default=None,
+                   help="also run with records stored by these codecs, e.g. int8,fp8")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--seeds", type=int, nargs="*", default=[],
                    help="also replay traces drawn with these seeds at the default capacities (spread of the gaps)")
@@ -478,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     r2.add_argument("--sessions", type=positive_int, default=12)
     r2.add_argument("--max-turns", type=positive_int, default=6)
     r2.add_argument("--user-cap", type=positive_int, default=512, help="tokens kept of each user message")
-    r2.add_argument("--reply-cap", type=positive_int, default=512, help="tokens of each recorded reply (teacher-forced)")
+    r2.add_argument("--reply-cap", type=positive_int, default=512,
+                    help="tokens of each recorded reply (teacher-forced)")
     r2.add_argument("--rate", type=positive_float, default=2.0, help="new sessions per second (Poisson)")
     r2.add_argument("--think", type=positive_float, default=5.0, help="mean seconds between turns of a session")
     r2.add_argument("--model-prefill-tok-s", type=positive_float, default=400.0,

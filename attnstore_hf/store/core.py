@@ -621,9 +621,9 @@ class AttentionStore:
         stream on CUDA) and the record is built and committed by a background thread. The returned future's
         ``result()`` is the committed :class:`SessionRecord` (``None`` if nothing was stored: a turn whose attention
         mask hid tokens, padding, has K/V that depend on that mask; a warning says so). The next ``cache_for`` of
-        the same session waits for it; :meth:`flush` waits for every save. The last generated token has no KV yet (the next turn prefills
-        it). The record goes to DRAM, and to disk in the background (write-through) or when evicted / at
-        :meth:`close` (write-back).
+        the same session waits for it; :meth:`flush` waits for every save. The last generated token has no KV
+        yet (the next turn prefills it). The record goes to DRAM, and to disk in the background (write-through)
+        or when evicted / at :meth:`close` (write-back).
         """
         self._check_open()
         session_id = _check_session_id(session_id)
