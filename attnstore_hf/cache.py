@@ -365,6 +365,8 @@ class AttentionStoreCache(Cache):
         self._base_ids: list[int] = []             # ids of the tokens the cache held before those forwards
         self.masked = False  # a forward ran with an attention mask hiding tokens: the K/V depend on that mask
         self.record_turn = 0  # the turn of the record cache_for found (0: none); a save of this cache is one more
+        self.fingerprint: str | None = None  # the model's fingerprint when cache_for made this cache
+        self._weights = None                 # and the weights' stamp then (see ModelPatch._weights_stamp)
 
     # ---- layer-wise restore -------------------------------------------------------------------------------------
     def _wait_layer(self, layer_idx: int) -> None:
@@ -479,14 +481,25 @@ class AttentionStoreCache(Cache):
         under that mask; and the ids are noted, so that :meth:`held_ids` can tell ``save()`` what the K/V are of.
         """
         first = self.forwards == 0
-        if ids is None:  # inputs_embeds: the ids are unknown
-            self.forwards += 1
-            self._fed = None
-            return
-        rows, n = ids.shape[0], ids.shape[-1]
         restored = first and self.turn_ids is not None
         past = self.reused_tokens if restored else self.get_seq_length()
-        if restored:
+        if ids is None:  # inputs_embeds: what they stand for cannot be checked against the stored tokens
+            if restored and past:
+                raise ValueError(
+                    f"this cache holds {past} restored tokens of session {self.session_id!r}, which cannot be "
+                    "checked against inputs_embeds: pass input_ids (cache.input_ids) to generate() on a restored "
+                    "cache, or use a fresh cache (a miss) for embeddings")
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                return
+            rows, n = embeds.shape[0], embeds.shape[1]
+        else:
+            rows, n = ids.shape[0], ids.shape[-1]
+        held_rows = self._rows() if past else rows
+        if held_rows != rows and held_rows != 1:
+            raise ValueError(f"the forward has {rows} rows but this cache holds {held_rows} (left by beam search or "
+                             "several return sequences): save the turn and restore it with store.cache_for to go on")
+        if restored and ids is not None:
             self._check_turn(ids, past)  # raises before anything changed: generate() can be called again
         self.forwards += 1
         mask = kwargs.get("attention_mask")
@@ -495,10 +508,12 @@ class AttentionStoreCache(Cache):
             self.masked = True
             if restored and past and bool((mask[:, :past] == 0).any()):
                 self._recompute_masked(mask, kwargs.get("position_ids"), past, n)
-        if rows > 1 and past and self._rows() == 1:
+        if rows > 1 and past and held_rows == 1:
             self.batch_repeat_interleave(rows)
         if self._fed is not None:
-            if rows == 1:
+            if ids is None:
+                self._fed = None
+            elif rows == 1:
                 self._fed.append(ids[0])
             else:  # beams: the rows' replies differ (save() keeps the prompt they share)
                 self._fed = None
@@ -511,6 +526,13 @@ class AttentionStoreCache(Cache):
                              f"conversation (session {self.session_id!r}): use one cache per conversation")
         expect = self.turn_ids[past: past + len(row)]
         if row[: len(expect)] != expect:
+            if past and row[:past] == self.turn_ids[:past]:
+                raise ValueError(
+                    f"the forward was given the whole sequence again, although this cache already holds its first "
+                    f"{past} tokens (session {self.session_id!r}). generate() slices cache.input_ids itself; a direct "
+                    f"model call takes cache.input_ids[:, {past}:]. transformers' assisted decoding and prompt "
+                    "lookup do this on any prefilled cache (DynamicCache then silently computes a wrong answer): use "
+                    "them on a fresh cache, e.g. StoreConfig(restore_mode='recompute')")
             raise ValueError(
                 f"generate() got other ids than the conversation cache_for() was given (session "
                 f"{self.session_id!r}): the tokens after the {past} in the cache differ; pass cache.input_ids "

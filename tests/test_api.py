@@ -397,19 +397,25 @@ def test_plain_forwards_of_a_patched_model_keep_no_keys():
     assert patch.stash == {} and cache.layers[0].raw_state()[0].shape[-2] == 30
 
 
-@pytest.mark.parametrize("how", ["load_state_dict", "assign", "optimizer_step", "to_dtype"])
+@pytest.mark.parametrize("how", ["load_state_dict", "assign", "optimizer_step", "to_dtype", "cast_round_trip",
+                                 "data_assign"])
 def test_weights_changed_after_patching_make_old_records_another_models(how, store_factory, caplog):
     """A checkpoint loaded into the same model object (in place or by replacing the parameters), an optimizer
     step, a cast: the records of the old weights are a miss with a warning, and the turn is exact for the new
     weights (before: the old K/V were restored, a wrong answer)."""
     model = tiny_model("llama")
+    other = tiny_model("llama", seed=5).state_dict()  # built first: building a model registers parameters
     store = store_factory()
     out, _ = saved_turn(model, store, random_ids(20, 1))
-    other = tiny_model("llama", seed=5).state_dict()
     if how == "load_state_dict":
         model.load_state_dict(other)
     elif how == "assign":
         model.load_state_dict(other, assign=True)
+    elif how == "cast_round_trip":  # precision lost, same dtype: only the storages changed
+        model.to(torch.bfloat16).to(torch.float32)
+    elif how == "data_assign":
+        for name, p in model.named_parameters():
+            p.data = other[name].clone()
     elif how == "optimizer_step":
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         model(out.sequences, labels=out.sequences).loss.backward()
@@ -424,3 +430,69 @@ def test_weights_changed_after_patching_make_old_records_another_models(how, sto
     compare(model, cache, ids)
     saved_turn(model, store, ids)  # the new weights' record is restored next
     assert store.cache_for(model, "s", torch.cat([ids, random_ids(3, 3)], 1)).reused_tokens > 0
+
+
+def test_weights_changed_between_cache_for_and_save_are_not_stored(store_factory, caplog):
+    """A hot reload between a turn's generate() and its save(), with another session's cache_for in between (which
+    takes the new fingerprint): the cache holds K/V of the old weights, so labelling them with either fingerprint
+    would hand a later turn wrong K/V. Not stored, a warning says why."""
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(30, 1)
+    cache = store.cache_for(model, "a", ids)
+    out = greedy(model, ids, cache)
+    model.load_state_dict(tiny_model("llama", seed=7).state_dict())
+    store.cache_for(model, "b", random_ids(20, 2))
+    with caplog.at_level("WARNING"):
+        assert store.save("a", cache, out.sequences).result() is None
+    assert "weights changed" in caplog.text and store.history("a") is None
+
+
+def test_embeddings_and_leftover_rows_on_a_restored_cache_are_clear_errors(store_factory):
+    """inputs_embeds cannot be checked against the stored tokens (a new message's embeddings alone were silently
+    wrong); a one-row forward on a cache beam search left with several rows failed deep inside a matmul. On a
+    fresh cache embeddings work as in transformers."""
+    model = tiny_model("llama")
+    store = store_factory()
+    out, _ = saved_turn(model, store, random_ids(20, 1))
+    ids = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    embeds = model.get_input_embeddings()(ids)
+    cache = store.cache_for(model, "s", ids)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model.generate(inputs_embeds=embeds, past_key_values=cache, max_new_tokens=2,
+                       attention_mask=torch.ones_like(ids))
+    fresh = store.cache_for(model, "other", ids)  # a miss
+    ours = model.generate(inputs_embeds=embeds, past_key_values=fresh, max_new_tokens=3, do_sample=False,
+                          attention_mask=torch.ones_like(ids))
+    assert torch.equal(ours, model.generate(inputs_embeds=embeds, max_new_tokens=3, do_sample=False,
+                                            attention_mask=torch.ones_like(ids)))
+    beams = store.cache_for(model, "s", ids)
+    out = model.generate(ids, past_key_values=beams, num_beams=3, max_new_tokens=2, do_sample=False,
+                         attention_mask=torch.ones_like(ids))
+    more = torch.cat([out, random_ids(2, 3)], 1)
+    with pytest.raises(ValueError, match="holds 3"):
+        model.generate(more, past_key_values=beams, max_new_tokens=2, attention_mask=torch.ones_like(more))
+
+
+@pytest.mark.parametrize("mode", ["prompt_lookup", "assistant"])
+def test_assisted_decoding_on_a_restored_cache_says_what_happens(mode, store_factory):
+    """transformers' assisted decoding and prompt lookup feed the whole sequence again on a prefilled cache
+    (DynamicCache then computes a wrong answer): refused with a message that says so — and on a miss they work
+    and their turn is stored and resumed exactly."""
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(20, 1)
+    kw = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
+    kw.update(prompt_lookup_num_tokens=3) if mode == "prompt_lookup" else kw.update(
+        assistant_model=tiny_model("llama", seed=3))
+    cache = store.cache_for(model, "s", ids)
+    out = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, model.generate(ids, **kw))
+    store.save("s", cache, out).result()
+    ids2 = torch.cat([out, random_ids(4, 2)], 1)
+    kw["attention_mask"] = torch.ones_like(ids2)
+    cache2 = store.cache_for(model, "s", ids2)
+    assert cache2.reused_tokens == out.shape[1] - 1
+    with pytest.raises(ValueError, match="whole sequence again"):
+        model.generate(cache2.input_ids, past_key_values=cache2, **kw)
+    compare(model, cache2, ids2)  # the same cache, then used as plain generate() uses it

@@ -58,6 +58,15 @@ def _as_ids(input_ids) -> torch.Tensor:
     return ids.long()
 
 
+def _unstorable(cache: AttentionStoreCache) -> str | None:
+    """Why the K/V this cache holds must not be stored as the conversation's, or ``None``."""
+    if cache.masked:
+        return "it ran with an attention mask that hides tokens (padding), and its K/V depend on that mask"
+    if cache._weights is not None and cache._patch._weights_stamp(cache._model) != cache._weights:
+        return "the model's weights changed since cache_for (its K/V may be of the old ones)"
+    return None
+
+
 def _newer(shared: dict | None, local: SessionRecord) -> bool:
     """Whether the shared record (its Redis manifest: ``tokens``, ``turn``) is of a later turn than ``local``. By
     the turn each save counts (the turn restored + 1): a truncated conversation's newer record may hold fewer
@@ -340,7 +349,8 @@ class AttentionStore:
         user_ids = _as_ids(input_ids)
         t0 = time.perf_counter()
         cache = AttentionStoreCache(model, session_id=session_id)
-        fingerprint = cache._patch.fingerprint(model)
+        fingerprint = cache.fingerprint = cache._patch.fingerprint(model)
+        cache._weights = cache._patch._weights_seen
         self._fingerprints.add(fingerprint)
         self._count("lookups")
         cache._patch.on_prefill = self.cost.observe_prefill
@@ -560,9 +570,9 @@ class AttentionStore:
     # ---- save ---------------------------------------------------------------------------------------------
     def record_from_cache(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
         """Snapshot ``cache`` (host copies of its pre-RoPE K/V) as a record of ``sequences``' tokens (blocking)."""
-        if cache.masked:
-            raise ValueError("this cache ran with an attention mask that hides tokens (padding): its K/V depend on "
-                             "that mask and cannot be stored as the conversation's")
+        why = _unstorable(cache)
+        if why:
+            raise ValueError(f"this cache cannot be stored as the conversation's: {why}")
         head = self._record_head(session_id, cache, sequences)
         return self._build_record(head, Snapshot(cache, self.config.codec, head["prompt"]))
 
@@ -605,7 +615,7 @@ class AttentionStore:
                 origin = cache.user_ids + seq[cache.input_ids.shape[1]:]
                 meta["origin_ids"] = origin[: n + offset]
         return {"session_id": session_id, "token_ids": seq[:n], "meta": meta, "kinds": cache.layer_kinds,
-                "fingerprint": cache._patch._fingerprint or "", "prompt": prompt}
+                "fingerprint": cache.fingerprint or cache._patch.fingerprint(cache._model), "prompt": prompt}
 
     def _build_record(self, head: dict, snap: Snapshot) -> SessionRecord:
         layers = [LayerKV(kind, start, p["k"], p["v"], p.get("ks"), p.get("vs"))
@@ -629,10 +639,10 @@ class AttentionStore:
         session_id = _check_session_id(session_id)
         if not isinstance(cache, AttentionStoreCache):
             raise TypeError(f"save() needs an AttentionStoreCache (from store.cache_for), got {type(cache).__name__}")
-        if cache.masked:
-            log.warning("session %r: this turn ran with an attention mask that hides tokens (padding); its K/V "
-                        "depend on that mask, so it is not stored (the session keeps its previous record)",
-                        session_id)
+        why = _unstorable(cache)
+        if why:
+            log.warning("session %r: this turn is not stored (the session keeps its previous record): %s",
+                        session_id, why)
             self._count("saves_skipped")
             done: Future = Future()
             done.set_result(None)
