@@ -188,6 +188,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
         return self._rk[:, :, : self._len], self._v[:, :, : self._len], 0
 
     def crop(self, tokens_to_remove: int) -> None:
+        tokens_to_remove = int(tokens_to_remove)  # transformers 5.17's assisted decoding passes a 0-d tensor
         if tokens_to_remove > 0:
             raise ValueError("crop with a positive value is not supported; pass a negative number of tokens to remove")
         if tokens_to_remove == 0 or not self.is_initialized:
@@ -266,7 +267,7 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         end_before = self.cumulative_length
-        super().crop(tokens_to_remove)
+        super().crop(int(tokens_to_remove))
         if self.raw_keys is not None and self.keys is not None:
             self.raw_keys = self._align(self.raw_keys, end_before)
 
@@ -532,7 +533,8 @@ class AttentionStoreCache(Cache):
                     f"{past} tokens (session {self.session_id!r}). generate() slices cache.input_ids itself; a direct "
                     f"model call takes cache.input_ids[:, {past}:]. transformers' assisted decoding and prompt "
                     "lookup do this on any prefilled cache (DynamicCache then silently computes a wrong answer): use "
-                    "them on a fresh cache, e.g. StoreConfig(restore_mode='recompute')")
+                    "them on a fresh cache, e.g. StoreConfig(restore_mode='recompute'), and take a new one from "
+                    "store.cache_for (they may have cropped this one)")
             raise ValueError(
                 f"generate() got other ids than the conversation cache_for() was given (session "
                 f"{self.session_id!r}): the tokens after the {past} in the cache differ; pass cache.input_ids "

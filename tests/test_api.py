@@ -474,17 +474,19 @@ def test_embeddings_and_leftover_rows_on_a_restored_cache_are_clear_errors(store
         model.generate(more, past_key_values=beams, max_new_tokens=2, attention_mask=torch.ones_like(more))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("mode", ["prompt_lookup", "assistant"])
-def test_assisted_decoding_on_a_restored_cache_says_what_happens(mode, store_factory):
+def test_assisted_decoding_on_a_restored_cache_says_what_happens(family, mode, store_factory):
     """transformers' assisted decoding and prompt lookup feed the whole sequence again on a prefilled cache
     (DynamicCache then computes a wrong answer): refused with a message that says so — and on a miss they work
-    and their turn is stored and resumed exactly."""
-    model = tiny_model("llama")
+    (transformers 5.17 crops with a 0-d tensor, which a layer once kept as its length: a shape error) and their
+    turn is stored and resumed exactly."""
+    model = tiny_model(family)
     store = store_factory()
     ids = random_ids(20, 1)
     kw = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
     kw.update(prompt_lookup_num_tokens=3) if mode == "prompt_lookup" else kw.update(
-        assistant_model=tiny_model("llama", seed=3))
+        assistant_model=tiny_model(family, seed=3))
     cache = store.cache_for(model, "s", ids)
     out = model.generate(ids, past_key_values=cache, **kw)
     assert torch.equal(out, model.generate(ids, **kw))
@@ -495,4 +497,5 @@ def test_assisted_decoding_on_a_restored_cache_says_what_happens(mode, store_fac
     assert cache2.reused_tokens == out.shape[1] - 1
     with pytest.raises(ValueError, match="whole sequence again"):
         model.generate(cache2.input_ids, past_key_values=cache2, **kw)
-    compare(model, cache2, ids2)  # the same cache, then used as plain generate() uses it
+    # transformers 5.17 crops the cache (sliding layers to their window) before that forward: a new one
+    compare(model, store.cache_for(model, "s", ids2), ids2)
