@@ -481,6 +481,9 @@ class AttentionStoreCache(Cache):
         sequences: the rows share the prompt); restored tokens an attention mask hides (padding) are recomputed
         under that mask; and the ids are noted, so that :meth:`held_ids` can tell ``save()`` what the K/V are of.
         """
+        if kwargs.get("use_cache") is False:  # generate() would feed the whole sequence at every step, appended
+            raise ValueError("use_cache=False with an AttentionStoreCache: the cache would be fed every token again "
+                             "at each step (a wrong answer); drop past_key_values, or leave use_cache on")
         first = self.forwards == 0
         restored = first and self.turn_ids is not None
         past = self.reused_tokens if restored else self.get_seq_length()

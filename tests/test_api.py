@@ -499,3 +499,17 @@ def test_assisted_decoding_on_a_restored_cache_says_what_happens(family, mode, s
         model.generate(cache2.input_ids, past_key_values=cache2, **kw)
     # transformers 5.17 crops the cache (sliding layers to their window) before that forward: a new one
     compare(model, store.cache_for(model, "s", ids2), ids2)
+
+
+def test_use_cache_false_with_a_store_cache_is_refused(store_factory):
+    """generate(use_cache=False) feeds the whole sequence at every step, and a cache given anyway takes it in again
+    each time (transformers' DynamicCache too: a wrong answer, 0.12 off here before)."""
+    model = tiny_model("llama")
+    store = store_factory()
+    out, _ = saved_turn(model, store, random_ids(20, 1))
+    ids = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    cache = store.cache_for(model, "s", ids)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(cache.input_ids, past_key_values=cache, use_cache=False, max_new_tokens=3,
+                       attention_mask=torch.ones_like(ids))
+    compare(model, cache, ids)

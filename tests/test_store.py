@@ -300,3 +300,23 @@ def test_a_prefetch_read_under_way_does_not_bring_an_older_record_back(then, tmp
     got, _ = store.get_record("a")
     assert (got is None) if then == "drop" else same(got, newer)
     store.close()
+
+
+def test_a_namespace_never_counts_or_evicts_another_namespaces_records(tmp_path):
+    """Two tenants on one disk_dir: the second one's disk_bytes bounds its own records. Before, its index took in
+    every record file of the directory and evicted the first tenant's to make room (all of them)."""
+    a = make(tmp_path, "lru", disk=None, namespace="a")
+    for s in ("u0", "u1", "u2"):
+        a.put_record(rec(s, ns="a"))
+    a.close()
+    file_size = len(rec("v0", ns="b").to_bytes())
+    b = make(tmp_path, "lru", dram_records=1, disk=2 * file_size + file_size // 2, namespace="b")
+    for s in ("v0", "v1"):
+        b.put_record(rec(s, ns="b"))
+    b.flush()
+    assert b.stats()["disk_records"] == 2 and b.stats()["evictions_disk"] == 0
+    b.close()
+    a = make(tmp_path, "lru", namespace="a")
+    assert sorted(s["session_id"] for s in a.sessions()) == ["u0", "u1", "u2"]
+    assert all(a.get_record(s)[0] is not None for s in ("u0", "u1", "u2"))
+    a.close()

@@ -109,7 +109,8 @@ class AttentionStore:
         self.namespace = self.config.namespace
         self.policy = make_policy(self.config.policy)
         self.dram = DramTier(self.config.dram_bytes, self.policy, pin=self.config.pin_memory)
-        self.disk = (DiskTier(self.config.disk_dir, self.config.disk_bytes, self.policy, fsync=self.config.fsync)
+        self.disk = (DiskTier(self.config.disk_dir, self.config.disk_bytes, self.policy, fsync=self.config.fsync,
+                              namespace=self.namespace)
                      if self.config.disk_dir else None)
         self.redis = None
         if self.config.redis_url:

@@ -39,8 +39,9 @@ class DiskTier:
     name = "disk"
 
     def __init__(self, directory: str | os.PathLike, capacity_bytes: int | None, policy: Policy | None = None,
-                 fsync: bool = True):
+                 fsync: bool = True, namespace: str | None = None):
         self.fsync = fsync
+        self.namespace = namespace  # another namespace's records in the directory: not this tier's to count or evict
         self.dir = Path(directory)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -78,8 +79,13 @@ class DiskTier:
                         except OSError:
                             pass
                 elif p.name.endswith(SUFFIX) and len(p.name) == 64 + len(SUFFIX):
+                    key = p.name[: -len(SUFFIX)]
+                    if self.namespace is not None:
+                        head = self.read_header(key)  # unreadable: indexed (quarantined when looked up)
+                        if head is not None and head.get("namespace") != self.namespace:
+                            continue  # another tenant's, sharing the directory
                     st = p.stat()
-                    found.append((st.st_mtime, p.name[: -len(SUFFIX)], st.st_size))
+                    found.append((st.st_mtime, key, st.st_size))
         for _, key, size in sorted(found):  # oldest first, so LRU/FIFO start from file age
             self._index[key] = size
             self.used += size
