@@ -513,3 +513,16 @@ def test_use_cache_false_with_a_store_cache_is_refused(store_factory):
         model.generate(cache.input_ids, past_key_values=cache, use_cache=False, max_new_tokens=3,
                        attention_mask=torch.ones_like(ids))
     compare(model, cache, ids)
+
+
+def test_a_save_racing_close_says_the_store_closed(store_factory):
+    """close() on another thread shuts the save pool down between save()'s check and its hand-over: the caller
+    gets AttnStoreError, not the thread pool's RuntimeError."""
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = random_ids(12, 1)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    store._save_pool.shutdown(wait=True)  # where close() has got to when the race is lost
+    with pytest.raises(attnstore_hf.AttnStoreError, match="closed during the save"):
+        store.save("s", cache, out.sequences)

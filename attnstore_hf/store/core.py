@@ -663,6 +663,9 @@ class AttentionStore:
         try:
             snap = Snapshot(cache, self.config.codec, head["prompt"])
             fut = self._save_pool.submit(self._commit_save, head, snap)
+        except RuntimeError as exc:  # close() on another thread shut the pool down after the check above
+            self._save_slots.release()
+            raise AttnStoreError("this AttentionStore was closed during the save; nothing was stored") from exc
         except BaseException:
             self._save_slots.release()
             raise
