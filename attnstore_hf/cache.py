@@ -409,8 +409,17 @@ class AttentionStoreCache(Cache):
         whole = loader is not None and loader.released and loader.finished and not any(loader._errors)
         if whole:
             self.wait_loaded()  # everything arrived and was verified: finish as a used restore would
-        elif loader is not None:
-            self._loader = None
+        else:
+            self._abandon_restore()
+        self.reset()
+        self.reused_tokens = 0
+        self.prefix_ids = []
+        self.turn_ids = None
+
+    def _abandon_restore(self) -> None:
+        """Stop a layer-wise restore still running and let go of what it holds; no layer waits for it any more."""
+        loader, self._loader = self._loader, None
+        if loader is not None:
             loader.cancel()
             if loader.stream is not None:  # the buffers are freed on the current stream: after the side stream
                 torch.cuda.current_stream(loader.device).wait_stream(loader.stream)
@@ -418,10 +427,6 @@ class AttentionStoreCache(Cache):
                 loader.on_cancel()
         for layer in self.layers:
             layer._waiter = None
-        self.reset()
-        self.reused_tokens = 0
-        self.prefix_ids = []
-        self.turn_ids = None
 
     def _wait_snapshot(self) -> None:
         snap, self._snapshot = self._snapshot, None
@@ -499,6 +504,10 @@ class AttentionStoreCache(Cache):
             rows, n = embeds.shape[0], embeds.shape[1]
         else:
             rows, n = ids.shape[0], ids.shape[-1]
+        if n == 0 and self.turn_ids is not None:  # else a reshape of 0 elements fails deep inside
+            raise ValueError(f"the forward got no new tokens: this cache already holds {self.get_seq_length()} "
+                             "tokens of the conversation. Pass the whole conversation, cache.input_ids (history + "
+                             "new message), to generate(), not only the new message")
         held_rows = self._rows() if past else rows
         if held_rows != rows and held_rows != 1:
             raise ValueError(f"the forward has {rows} rows but this cache holds {held_rows} (left by beam search or "
@@ -515,11 +524,9 @@ class AttentionStoreCache(Cache):
         if rows > 1 and past and held_rows == 1:
             self.batch_repeat_interleave(rows)
         if self._fed is not None:
-            if ids is None:
-                self._fed = None
-            elif rows == 1:
+            if ids is not None and rows == 1:
                 self._fed.append(ids[0])
-            else:  # beams: the rows' replies differ (save() keeps the prompt they share)
+            else:  # embeddings, or beams (their replies differ: save() keeps the prompt they share)
                 self._fed = None
 
     def _check_turn(self, ids: torch.Tensor, past: int) -> None:
@@ -568,17 +575,10 @@ class AttentionStoreCache(Cache):
                                  "given the conversation, generate() the same ids)")
         log.warning("session %r: the attention mask hides some of the %d restored tokens (padding); recomputing "
                     "them under that mask", self.session_id, past)
-        loader, self._loader = self._loader, None
-        if loader is not None:
-            loader.cancel()
-            if loader.stream is not None:
-                torch.cuda.current_stream(loader.device).wait_stream(loader.stream)
-            if loader.on_cancel is not None:
-                loader.on_cancel()
+        self._abandon_restore()
         fresh = self.prefill_apart(self.input_ids[:1, :past].to(mask.device), attention_mask=mask[:1, :past],
                                    **({} if prefix_pos is None else {"position_ids": prefix_pos}))
         for work, got in zip(self.layers, fresh.layers):
-            work._waiter = None
             if isinstance(work, SlidingLayer):
                 work.restore(got.keys, got.values, got.raw_keys, got.cumulative_length)
             else:

@@ -105,11 +105,9 @@ class ModelPatch:
 
     @staticmethod
     def _tokens(args, kwargs) -> int:
-        x = kwargs.get("input_ids")
+        x = ModelPatch._ids(args, kwargs)
         if x is None:
             x = kwargs.get("inputs_embeds")
-        if x is None and args:
-            x = args[0]
         return int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
 
     @staticmethod
@@ -133,10 +131,6 @@ class ModelPatch:
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         on_forward = getattr(cache, "_on_forward", None)
         self.capturing = on_forward is not None
-        if n == 0 and getattr(cache, "turn_ids", None) is not None:  # else a reshape of 0 elements fails deep inside
-            raise ValueError(f"the forward got no new tokens: this cache already holds {cache.get_seq_length()} "
-                             "tokens of the conversation. Pass the whole conversation, cache.input_ids (history + "
-                             "new message), to generate(), not only the new message")
         if on_forward is not None:
             on_forward(self._ids(args, kwargs), kwargs)
         if n < self.MIN_TIMED_TOKENS or self.on_prefill is None or getattr(cache, "_loader", None) is not None:

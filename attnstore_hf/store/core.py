@@ -58,6 +58,11 @@ def _as_ids(input_ids) -> torch.Tensor:
     return ids.long()
 
 
+def _stripe(locks: list, key: str) -> threading.Lock:
+    """The lock of ``key`` among ``locks`` (a fixed set shared by all sessions: no lock per session to clean up)."""
+    return locks[hash(key) % len(locks)]
+
+
 def _unstorable(cache: AttentionStoreCache) -> str | None:
     """Why the K/V this cache holds must not be stored as the conversation's, or ``None``."""
     if cache.masked:
@@ -597,8 +602,7 @@ class AttentionStore:
             at = next(i for i, (a, b) in enumerate(zip(seq, held)) if a != b)
             raise ValueError(f"sequences differs from the tokens this cache computed at position {at}: pass the "
                              "output of the generate() call that ran on this cache")
-        rows = max((layer.keys.shape[0] for layer in cache.layers if layer.is_initialized and layer.keys is not None),
-                   default=1)
+        rows = cache._rows()
         prompt = None
         if rows != 1:  # beam search: one row per beam, the same up to where generation began
             if cache.turn_ids is None:
@@ -728,7 +732,7 @@ class AttentionStore:
                   "" if kept else " straight to disk (larger than DRAM)")
 
     def _dram_lock(self, key: str) -> threading.Lock:
-        return self._dram_locks[hash(key) % len(self._dram_locks)]
+        return _stripe(self._dram_locks, key)
 
     def _bump(self, key: str) -> None:
         with self._lock:
@@ -789,7 +793,7 @@ class AttentionStore:
     def _write_disk(self, rec: SessionRecord, gen: int | None = None) -> None:
         """Write ``rec`` to disk; ``gen``: its place among this session's asynchronous writes (skipped if a newer
         one was asked for: that one writes)."""
-        with self._write_locks[hash(rec.key) % len(self._write_locks)]:
+        with _stripe(self._write_locks, rec.key):
             with self._lock:
                 superseded = gen is not None and gen < self._disk_gen.get(rec.key, 0)
             if superseded:
