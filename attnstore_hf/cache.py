@@ -514,8 +514,9 @@ class AttentionStoreCache(Cache):
                              "several return sequences): save the turn and restore it with store.cache_for to go on")
         if restored and ids is not None:
             self._check_turn(ids, past)  # raises before anything changed: generate() can be called again
-        self.forwards += 1
         mask = kwargs.get("attention_mask")
+        self._check_span(mask, kwargs.get("position_ids"), past, n)
+        self.forwards += 1
         if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and (first or n > 1) and not self.masked
                 and bool((mask == 0).any())):  # decode steps only append ones to the mask: not checked
             self.masked = True
@@ -549,6 +550,24 @@ class AttentionStoreCache(Cache):
                 f"generate() got other ids than the conversation cache_for() was given (session "
                 f"{self.session_id!r}): the tokens after the {past} in the cache differ; pass cache.input_ids "
                 "(history + new message, as kept after any truncation), not only the new message")
+
+    def _check_span(self, mask, position_ids, past: int, n: int) -> None:
+        """generate() given no more ids than the cache holds (the same prompt again, on a used cache) slices them
+        wrongly and feeds a stretch of them again: a wrong answer. The forward's own arguments show it — a 2-D
+        mask spans every key (held + new), and without one the positions of new tokens follow the held ones."""
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            span, what = mask.shape[-1], "the attention mask covers"
+        elif n > 1 and isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 \
+                and position_ids.shape[-1] == n:  # prefill forwards only: a decode step's is not read back
+            span, what = int(position_ids[0, -1]) + 1, "the position ids reach"
+        else:
+            return
+        if span != past + n:
+            raise ValueError(
+                f"{what} {span} tokens, but this cache holds {past} and the forward adds {n}: generate() was given a "
+                "sequence that does not continue the one this cache holds (the same prompt again? transformers then "
+                "feeds a wrong slice of it). Pass the conversation so far plus the new tokens, or take a new cache "
+                "from store.cache_for")
 
     def _rows(self) -> int:
         for layer in self.layers:

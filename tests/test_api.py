@@ -285,6 +285,32 @@ def test_generate_given_other_ids_than_the_turn_is_refused_at_any_length(store_f
     compare(model, cache, cache.input_ids)
 
 
+def test_a_second_generate_on_a_used_cache_must_continue_it(family, store_factory):
+    """generate() given no more ids than the cache holds (the same prompt again) slices them wrongly and feeds a
+    stretch of them again — silently wrong before, as with transformers' DynamicCache. The forward's mask or
+    positions show it; nothing in the cache changes, and the conversation so far plus new tokens then continues
+    it exactly."""
+    model = tiny_model(family)
+    store = store_factory()
+    out, _ = saved_turn(model, store, random_ids(20, 1))
+    ids = torch.cat([out.sequences, random_ids(6, 2)], 1)
+    cache = store.cache_for(model, "s", ids)
+    out2 = greedy(model, ids, cache)
+    held = cache.get_seq_length()
+    for again in (ids, out2.sequences[:, :held]):  # fewer ids than it holds; exactly as many
+        with pytest.raises(ValueError, match="does not continue"):
+            greedy(model, again, cache)
+        assert cache.get_seq_length() == held
+    nxt = out2.sequences[:, held:held + 1]
+    with pytest.raises(ValueError, match="attention mask covers"):  # a direct call with a mask of the new ids only
+        model(nxt, attention_mask=torch.ones_like(nxt), past_key_values=cache)
+    assert cache.get_seq_length() == held
+    more = torch.cat([out2.sequences, random_ids(4, 3)], 1)
+    ours, ref = greedy(model, more, cache), greedy(model, more)
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits)) <= 1e-4
+
+
 def test_save_refuses_a_reply_the_cache_did_not_compute(store_factory):
     """The prompt matches but the reply is another one of the same length (re-tokenised, from another call):
     its K/V are not in this cache, so storing it would give the next turn a wrong answer."""
