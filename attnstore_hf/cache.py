@@ -516,6 +516,10 @@ class AttentionStoreCache(Cache):
             self._check_turn(ids, past)  # raises before anything changed: generate() can be called again
         mask = kwargs.get("attention_mask")
         self._check_span(mask, kwargs.get("position_ids"), past, n)
+        loader = self._loader
+        if first and loader is not None and not loader.released:
+            loader.release()  # a staged turn run directly (not handed over by cache_for): its held-back layers
+            # must be sized before the forward builds its masks from them
         self.forwards += 1
         if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and (first or n > 1) and not self.masked
                 and bool((mask == 0).any())):  # decode steps only append ones to the mask: not checked

@@ -44,6 +44,18 @@ def test_a_staged_turn_already_run_is_not_handed_over(store_factory):
     compare(model, cache, ids)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_staged_turn_with_held_back_layers_run_directly_is_exact(family, store_factory):
+    """generate() on what stage() returned, with layers held back (``stage_layers``): the first forward releases
+    them. Before, Gemma 3 built its full-attention mask from a held-back layer that still said 0 tokens (0.34 off)."""
+    model = tiny_model(family)
+    store = store_factory(restore_mode="load", stage_layers=1)
+    ids, rec = next_turn(model, store, 4)
+    staged = store.stage(model, "s", ids)
+    assert staged._loader is not None and not staged._loader.released
+    compare(model, staged, ids)
+
+
 def test_stage_layers_holds_back_the_rest_until_the_turn_starts(store_factory):
     model = tiny_model("llama", num_hidden_layers=5)
     store = store_factory(restore_mode="load", stage_layers=2)
