@@ -351,6 +351,7 @@ class AttentionStoreCache(Cache):
         self.source: str | None = None  # tier the restored record came from ("dram", "disk") or None
         self.load_seconds = 0.0
         self.truncated = 0              # tokens dropped by truncation for this turn
+        self.carried = False            # restored K/V hold context truncation dropped (not recomputable from ids)
         self.user_ids: list[int] | None = None   # the ids cache_for was given (the user's coordinates)
         self.turn_ids: list[int] | None = None   # the same in the cache's coordinates (what input_ids holds)
         self.origin_ids: list[int] = []           # user-coordinate ids of a record restored from a truncated one

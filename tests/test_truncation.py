@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import greedy, random_ids, tiny_model
+from conftest import greedy, random_ids, saved_turn, tiny_model
 
 MAXCTX = 48
 
@@ -176,3 +176,54 @@ def test_a_truncated_turn_is_loaded_whole_even_in_tail_mode(store_factory):
     ref = greedy(model, cache.input_ids, reference_cache(model, ids2[:, :n_hist], keep))
     assert torch.equal(ours.sequences, ref.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits)) <= 1e-4
+
+
+def _slow_loads(store, nbytes):
+    """Timings under which ``auto`` would recompute rather than load: a 1 s load, 1 ms forwards."""
+    store.cost.bandwidth["dram"] = nbytes / 1.0
+    for n in (8, 80, 800):
+        store.cost.observe_prefill(n, 1e-3)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gemma3"])
+def test_kv_that_attended_to_dropped_tokens_are_never_recomputed_in_part(fam, store_factory):
+    """After a truncation the kept tokens' K/V — and every later token's — hold context from the dropped ones, so
+    recomputing any of them from their ids gives another answer (0.57 off on Llama before: restore modes
+    recompute / both / tail, and auto whenever the timings favoured them). Such records carry meta["carried"] and
+    are loaded whole, whatever the mode or the timings, in the truncating turn and every turn after."""
+    model = tiny_model(fam)
+    kw = dict(disk_dir=None, reserve_tokens=0, truncation_ratio=0.5)
+    store = store_factory(max_context=160, restore_mode="auto", **kw)
+    out1, rec1 = saved_turn(model, store, random_ids(120, 1))
+    assert "carried" not in rec1.meta
+    _slow_loads(store, rec1.nbytes)
+    ids2 = torch.cat([out1.sequences, random_ids(40, 2)], dim=1)
+    c2 = store.cache_for(model, "s", ids2)  # the truncating turn: loaded, though auto would recompute
+    assert c2.truncated > 0 and c2.carried and c2.restore_plan["choice"] == "load" and c2.reused_tokens > 0
+    out2 = greedy(model, c2.input_ids, c2)
+    rec = store.save("s", c2, out2.sequences).result()
+    assert rec.meta["carried"]
+    ids3 = torch.cat([out2.sequences, random_ids(8, 3)], dim=1)  # fits: no truncation this turn
+    mem = greedy(model, ids3, c2)  # the truncated cache continued in memory
+    for mode in ("both", "tail", "auto"):
+        s = store_factory(max_context=1024, restore_mode=mode, **kw)
+        _slow_loads(s, rec.nbytes)
+        s.put_record(rec)
+        c3 = s.cache_for(model, "s", ids3)
+        assert c3.restore_plan["choice"] == "load" and c3.reused_tokens == rec.num_tokens and c3.carried, mode
+        ours = greedy(model, c3.input_ids, c3)
+        assert torch.equal(ours.sequences, mem.sequences), mode
+        assert max((a - b).abs().max().item() for a, b in zip(ours.logits, mem.logits)) <= 1e-4, mode
+        assert s.save("s", c3, ours.sequences).result().meta["carried"]  # and on, turn after turn
+    # the same timings make auto recompute a record that holds only its own ids' K/V
+    control = store_factory(max_context=1024, restore_mode="auto", **kw)
+    out, plain = saved_turn(model, control, random_ids(60, 5), "p")
+    _slow_loads(control, plain.nbytes)
+    c = control.cache_for(model, "p", torch.cat([out.sequences, random_ids(8, 6)], dim=1))
+    assert c.restore_plan["choice"] == "recompute" and not c.carried
+    # restore_mode="recompute" is the user's choice to recompute everything: the record after it is plain again
+    s = store_factory(max_context=1024, restore_mode="recompute", **kw)
+    s.put_record(rec)
+    c4 = s.cache_for(model, "s", ids3)
+    assert c4.reused_tokens == 0 and not c4.carried
+    assert "carried" not in s.save("s", c4, greedy(model, c4.input_ids, c4).sequences).result().meta

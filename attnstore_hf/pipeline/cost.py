@@ -247,14 +247,16 @@ class CostModel:
 
     def choose(self, tier: str, nbytes: int, tokens: int, mode: str, accelerator: bool,
                can_split: bool = True, new_tokens: int = 0, layerwise: bool = True,
-               can_tail: bool | None = None) -> dict:
+               can_tail: bool | None = None, can_recompute: bool = True) -> dict:
         """How to restore ``tokens`` stored tokens (``nbytes`` bytes) from ``tier`` for a turn that then
         prefills ``new_tokens``: ``{"choice": "load"|"recompute"|"both"|"tail", "split", "predicted_load_s",
         "predicted_recompute_s", "predicted_turn_s": {choice: seconds}, ...}``. ``split`` = tokens recomputed
         first when the choice is ``both``, last (with the new ones) when it is ``tail``;
         ``predicted_recompute_s`` is the stored tokens' own prefill. ``can_split``: the stored tokens may be
         restored in two parts (no truncation); ``can_tail`` (default: ``can_split``): a shorter prefix may be
-        restored (not with sliding-window layers, whose record holds only the window before its last token)."""
+        restored (not with sliding-window layers, whose record holds only the window before its last token);
+        ``can_recompute``: ``auto`` may pick recomputing (not for K/V that hold context a truncation dropped: the
+        answer would change with the timings; ``mode="recompute"`` still recomputes)."""
         self._resolve()
         can_tail = can_split if can_tail is None else can_split and can_tail
         load_s = self.load_seconds(tier, nbytes)
@@ -296,7 +298,8 @@ class CostModel:
                     tail_r = MIN_SPLIT if turn else tokens // 2
                 plan["choice"], plan["split"] = "tail", tail_r
         elif mode == "auto" and turn and turn["load"] > MIN_DECISION_S:
-            options = {k: v for k, v in turn.items() if k not in ("both", "tail") or accelerator}
+            options = {k: v for k, v in turn.items()
+                       if (k not in ("both", "tail") or accelerator) and (k != "recompute" or can_recompute)}
             best = min(options, key=options.get)
             if best == "recompute" and turn["recompute"] * RECOMPUTE_MARGIN >= turn["load"]:
                 best = "load"

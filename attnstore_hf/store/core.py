@@ -419,6 +419,7 @@ class AttentionStore:
         if keep.numel():
             keep = self._restore(cache, model, rec, tier, keep, positions, len(ids), time.perf_counter() - t_read,
                                  ahead)
+            cache.carried = cache.carried and keep.numel() > 0  # nothing restored: all prefilled from the ids
         elif rec is not None:
             self._release_lazy(rec)
         t_restore = time.perf_counter()
@@ -455,7 +456,10 @@ class AttentionStore:
         return cache
 
     def _restore(self, cache, model, rec, tier, keep, positions, total_len, read_s, ahead=None) -> torch.Tensor:
-        """Restore ``keep`` as the cost model picks (load / recompute / both); returns what was restored."""
+        """Restore ``keep`` as the cost model picks (load / recompute / both); returns what was restored.
+        K/V that attended to tokens a truncation dropped (this turn's, or the record's since) are not what
+        recomputing their ids gives (``cache.carried``): they are loaded whole, never recomputed in part, so the
+        answer does not depend on timings (``restore_mode="recompute"``, the user's choice, recomputes them all)."""
         from ..pipeline.split import restore_both
 
         t_begin = time.perf_counter()
@@ -464,12 +468,13 @@ class AttentionStore:
         nbytes = int(rec_bytes * n / rec_tokens)
         device = next(model.parameters()).device
         plain = bool(torch.equal(keep, torch.arange(n)) and torch.equal(positions, keep))
+        carried = cache.carried = not plain or bool(rec.meta.get("carried") or rec.meta.get("origin_ids"))
         cache._patch.read_timings()
         # a shorter prefix: not with sliding-window layers (their record holds the window before the last token)
         tail_ok = not any(isinstance(layer, SlidingLayer) for layer in cache.layers)
         plan = self.cost.choose(tier, nbytes, n, self.config.restore_mode, accelerator=device.type != "cpu",
-                                can_split=plain, new_tokens=max(total_len - n, 0), layerwise=self.config.layerwise,
-                                can_tail=tail_ok)
+                                can_split=plain and not carried, new_tokens=max(total_len - n, 0),
+                                layerwise=self.config.layerwise, can_tail=tail_ok, can_recompute=not carried)
         cache.restore_plan = plan
         self._count(f"restore_{plan['choice']}")
         t0 = time.perf_counter()
@@ -614,6 +619,8 @@ class AttentionStore:
         # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete.
         # turn: one more than the record cache_for found (replicas sharing Redis tell the newer record by it)
         meta = {"tail_ids": seq[n:], "turn": cache.record_turn + 1}
+        if cache.carried:  # its K/V hold context a truncation dropped: never recomputed in part (see _restore)
+            meta["carried"] = True
         if cache.user_ids is not None and cache.input_ids is not None:
             offset = len(cache.user_ids) - cache.input_ids.shape[1]
             if offset > 0:  # truncated: remember the user's coordinates of what the record holds
