@@ -222,24 +222,31 @@ def test_drop_removes_the_shared_record_too(redis_server, tmp_path):
     b.close()
 
 
-def test_replicas_follow_a_truncated_conversation_by_its_turn(redis_server, tmp_path):
-    """Two replicas on one Redis take turns of a conversation that outgrows the window (CA truncation, the user
-    keeps the full conversation). A truncated turn's record holds fewer tokens than an older one, so "the longer
-    record is newer" picked a replica's stale local copy (0.51 logit difference against one replica). Records
-    count their turn: each replica restores exactly what a single replica does."""
+@pytest.mark.parametrize("coordinates", ["full", "kept"])
+def test_replicas_follow_a_truncated_conversation_by_its_turn(coordinates, redis_server, tmp_path):
+    """Two replicas on one Redis take turns of a conversation that outgrows the window (CA truncation; the user
+    keeps the full conversation, or the kept one: history()). A truncated turn's record holds fewer tokens than an
+    older one, so "the longer record is newer" picked a replica's stale local copy (0.51 logit difference against
+    one replica); with the kept history, shorter than that stale copy, the shared record was not even asked for
+    (0.58 off) and the save took the stale copy's turn number. Records count their turn: each replica restores
+    exactly what a single replica does, and every save is one turn more than the last."""
     model = tiny_model("mistral")
     kw = dict(redis_url=redis_server.url, max_context=48, reserve_tokens=4, truncation="ca")
 
     def chain(stores):
         full, seen = random_ids(30, 1), []
-        for k in range(4):
+        for k in range(5):
             store = stores[k % len(stores)]
             cache = store.cache_for(model, "s", full)
             out = greedy(model, cache.input_ids, cache)
             seen.append((cache.reused_tokens, cache.truncated, out))
-            store.save("s", cache, out.sequences).result()
+            rec = store.save("s", cache, out.sequences).result()
             store.flush()
-            full = torch.cat([full, out.sequences[:, cache.input_ids.shape[1]:], random_ids(9, 10 + k)], 1)
+            assert rec.meta["turn"] == k + 1 and store.redis.head(rec.key, rec.fingerprint)["turn"] == k + 1
+            if coordinates == "full":
+                full = torch.cat([full, out.sequences[:, cache.input_ids.shape[1]:], random_ids(9, 10 + k)], 1)
+            else:
+                full = torch.cat([out.sequences, random_ids(9, 10 + k)], 1)
         return seen
 
     one = AttentionStore(StoreConfig(disk_dir=tmp_path / "one", **kw))

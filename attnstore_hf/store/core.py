@@ -84,6 +84,13 @@ def _newer(shared: dict | None, local: SessionRecord) -> bool:
     return shared.get("tokens", -1) > local.num_tokens
 
 
+def _turn_of(head: dict | None) -> int:
+    try:
+        return int(head.get("turn") or 0) if isinstance(head, dict) else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def _shapes_match(rec: SessionRecord, kv_shapes: list[tuple[int, int]]) -> bool:
     if len(rec.layers) != len(kv_shapes):
         return False
@@ -364,9 +371,10 @@ class AttentionStore:
         t_read = time.perf_counter()
         rec, tier = self.get_record(session_id, fingerprint, lazy=self.config.layerwise)
         t_found = time.perf_counter()
-        if rec is not None and tier != "redis" and self.redis is not None \
-                and rec.num_tokens < user_ids.shape[1] - 1 and rec.fingerprint == fingerprint:
-            # the local copy may be stale (another replica served a later turn): a newer record may be shared
+        head = None
+        if rec is not None and tier != "redis" and self.redis is not None and rec.fingerprint == fingerprint:
+            # the local copy may be stale (another replica served a later turn): a newer record may be shared.
+            # Whatever the lengths: a later turn of a truncated conversation may hold fewer tokens
             from .redis import RedisUnavailable
 
             since = self._version(rec.key)
@@ -379,7 +387,9 @@ class AttentionStore:
                 self._release_lazy(rec)
                 rec, tier = shared, "redis"
                 self._promote(rec, since)
-        cache.record_turn = int(rec.meta.get("turn", 0)) if rec is not None else 0
+        # a save is one turn more than the latest this replica knows of (a shared one it could not use included):
+        # replicas tell the newer record by it
+        cache.record_turn = max(int(rec.meta.get("turn", 0)) if rec is not None else 0, _turn_of(head))
         if rec is not None:
             dtype = dtype_name(next(model.parameters()).dtype)
             if rec.fingerprint != fingerprint or rec.dtype != dtype:
