@@ -173,8 +173,9 @@ class StoreConfig:
             self.disk_dir = Path(self.disk_dir).expanduser()
             if self.disk_dir.exists() and not self.disk_dir.is_dir():
                 raise ConfigError(f"disk_dir {str(self.disk_dir)!r} exists and is not a directory")
-        if not isinstance(self.namespace, str) or not self.namespace:
-            raise ConfigError(f"namespace must be a non-empty string, got {self.namespace!r}")
+        if not isinstance(self.namespace, str) or not self.namespace or "\x00" in self.namespace:
+            # NUL separates namespace and session id in a record's key: in a namespace, two tenants' keys could meet
+            raise ConfigError(f"namespace must be a non-empty string without NUL, got {self.namespace!r}")
         if self.write_policy not in ("write_through", "write_back"):
             raise ConfigError(f"write_policy must be 'write_through' or 'write_back', got {self.write_policy!r}")
         from .codec import check_codec

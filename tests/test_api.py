@@ -66,6 +66,8 @@ def test_sizes():
         StoreConfig(write_policy="sometimes")
     with pytest.raises(ConfigError):
         StoreConfig(namespace="")
+    with pytest.raises(ConfigError, match="NUL"):  # NUL separates namespace and session id in a record's key:
+        StoreConfig(namespace="a\x00b")  # ("a", "b\x00c") and ("a\x00b", "c") would share one
     assert parse_size("2G") == parse_size("2GB") and parse_size("512k") == 512_000
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="finite"):

@@ -282,3 +282,94 @@ def test_an_expired_shared_record_is_removed_once_found(redis_server, tmp_path):
     assert b.cache_for(model, "s", ids).reused_tokens == 0
     assert b.stats()["bytes_read_redis"] == s["bytes_read_redis"]  # not downloaded again
     b.close()
+
+
+def test_garbage_manifests_are_misses_and_cost_nothing(redis_server, tmp_path, caplog):
+    """A manifest that is JSON but not an object crashed cache_for (AttributeError) and drop (TypeError); one
+    claiming millions of chunks took 32 s and 1.4 GB before the miss. Each is now a miss, at once."""
+    import redis as redis_py
+
+    model = tiny_model("llama")
+    a = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url))
+    _, out = _turn(model, a, random_ids(20, 0))
+    a.close()
+    client = redis_py.Redis.from_url(redis_server.url)
+    man_key = next(k for k in client.keys("attnstore:*") if k.endswith(b":m"))
+    real = json.loads(client.get(man_key))
+    huge = json.dumps({**real, "n": 2_000_000, "size": 2_000_000 * 4 << 20})
+    ids = torch.cat([out.sequences, random_ids(3, 1)], 1)
+    for i, garbage in enumerate(["5", "null", '"x"', "[1, 2]", "not json", huge]):
+        client.set(man_key, garbage)
+        b = AttentionStore(StoreConfig(disk_dir=tmp_path / f"b{i}", redis_url=redis_server.url))
+        t0 = time.perf_counter()
+        c, _ = _turn(model, b, ids)
+        assert c.reused_tokens == 0, garbage
+        b.drop("s")
+        assert time.perf_counter() - t0 < 5, garbage
+        assert client.get(man_key) is None and b.stats()["redis_errors"] == 0, garbage
+        b.close()
+
+
+def test_a_full_redis_keeps_no_half_written_record(redis_server, tmp_path, caplog):
+    """maxmemory with noeviction: a write failing half-way (OOM) left its first chunks with no manifest and no
+    expiry, taking memory from every later write. They are deleted, or expire on their own."""
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_server.url)
+    model = tiny_model("llama")
+    s = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url, redis_chunk_bytes=4096))
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 100_000)
+    written = []
+    monitor = s.redis._delete_chunks
+
+    def spy(base, wid, n):  # how many chunks the failed write had put there
+        written.append(sum(client.exists(f"{base}:{wid}:{i}") for i in range(n)))
+        return monitor(base, wid, n)
+
+    s.redis._delete_chunks = spy
+    with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+        _turn(model, s, random_ids(200, 0))  # ~200 kB of K/V: half of it fits
+    assert s.stats()["redis_errors"] >= 1 and "could not publish" in caplog.text
+    assert written and written[0] > 0  # chunks had been written before the server refused
+    assert client.keys("attnstore:*") == []
+    s.close()
+
+
+def test_a_key_of_another_type_is_that_sessions_problem_only(redis_server, tmp_path):
+    """One manifest key replaced by a list (WRONGTYPE) put the whole tier in back-off: no other session was
+    published, and the session itself could never be published or dropped again."""
+    import redis as redis_py
+
+    model = tiny_model("llama")
+    with AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url)) as a:
+        _, out = _turn(model, a, random_ids(20, 0), session="bad")
+    client = redis_py.Redis.from_url(redis_server.url)
+    man_key = next(k for k in client.keys("attnstore:*") if k.endswith(b":m"))
+    client.delete(man_key)
+    client.rpush(man_key, "x")
+    s = AttentionStore(StoreConfig(disk_dir=tmp_path / "b", redis_url=redis_server.url))
+    c, _ = _turn(model, s, torch.cat([out.sequences, random_ids(3, 1)], 1), session="bad")  # a miss
+    assert c.reused_tokens == 0
+    for i, sid in enumerate(("b", "c", "d")):
+        _turn(model, s, random_ids(20, 10 + i), session=sid)
+    assert s.stats()["redis_writes"] == 4  # "bad" replaced its wrong-type key, then b, c and d: no back-off
+    assert client.type(man_key) == b"string"
+    s.drop("bad")
+    assert client.type(man_key) == b"none"
+    s.close()
+
+
+def test_credentials_stay_out_of_logs_and_a_dead_cluster_is_a_miss(tmp_path, caplog):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there
+    model = tiny_model("llama")
+    for url in (f"redis://app:S3cretPassw0rd@127.0.0.1:{port}/0", f"redis+cluster://127.0.0.1:{port}/0"):
+        with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+            store = AttentionStore(StoreConfig(disk_dir=tmp_path / str(len(url)), redis_url=url, redis_timeout_s=0.5))
+            cache, out = _turn(model, store, random_ids(20, 0))  # a miss, then a save: warnings, exact answers
+            c2, _ = _turn(model, store, torch.cat([out.sequences, random_ids(3, 1)], 1))
+            assert c2.source == "dram"
+            store.close()
+    assert "not reachable" in caplog.text and "S3cretPassw0rd" not in caplog.text

@@ -185,3 +185,77 @@ def test_full_disk_keeps_serving_from_dram(tiny_fs, caplog):
         assert torch.equal(out.sequences, ref.sequences)
     finally:
         store.close()
+
+
+def test_a_damaged_header_is_left_out_of_sessions(store_factory, tmp_path, caplog):
+    """One flipped bit in a header's JSON key (``token_ids`` -> ``token\\x7fids``) raised KeyError from sessions(),
+    and with it the chat's session list. The header's own checksum leaves it out; a lookup quarantines it."""
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = first_turn(model, store, session="a")
+    first_turn(model, store, session="b", seed=5)
+    store.close()
+    path = record_file(tmp_path, "a")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"token_ids")
+    data[at + 5] ^= 0x20  # "_" -> DEL: still valid JSON, a key of another name
+    path.write_bytes(bytes(data))
+    fresh = store_factory()
+    assert [s["session_id"] for s in fresh.sessions()] == ["b"]
+    with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+        assert_miss_but_correct(model, fresh, ids, session="a")
+    assert "rejected" in caplog.text
+
+
+def test_files_that_cannot_be_read_are_misses(store_factory, tmp_path, caplog):
+    """A dangling link with a record's name made the store's start raise FileNotFoundError; a directory with a
+    record's name (or a file not ours to read) raised from cache_for and history()."""
+    model = tiny_model("llama")
+    store = store_factory()
+    ids = first_turn(model, store, session="a")
+    store.close()
+    kv = tmp_path / "kv"
+    (kv / f"{session_key('default', 'gone')}.safetensors").symlink_to(kv / "nowhere")
+    path = record_file(tmp_path, "a")
+    path.unlink()
+    path.mkdir()
+    fresh = store_factory()  # started: the dangling link is not a record
+    with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+        assert_miss_but_correct(model, fresh, ids, session="a")
+        assert fresh.history("a") is None and fresh.sessions() == []
+    assert "cannot read" in caplog.text
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", f"tmpfs-{uuid.uuid4().hex[:6]}", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_read_only_disk_serves_what_it_holds_and_dropped_sessions_stay_dropped(small_fs, caplog):
+    """A disk remounted read-only (ext4 errors=remount-ro): starting a store raised OSError on its lock file,
+    drop() and the lookup of an expired session raised too. Now it starts, serves its records exactly, and a
+    session it could not delete is not served again (nor picked up as another process's record)."""
+    model = tiny_model("llama")
+    with AttentionStore(StoreConfig(disk_dir=small_fs)) as store:
+        ids_a = first_turn(model, store, session="a")
+        ids_b = first_turn(model, store, session="b", seed=7)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+        with AttentionStore(StoreConfig(disk_dir=small_fs)) as store:
+            cache = store.cache_for(model, "a", ids_a)
+            assert cache.source == "disk" and cache.reused_tokens == ids_a.shape[1] - 9 - 1
+            out, ref = greedy(model, ids_a, cache), greedy(model, ids_a)
+            assert torch.equal(out.sequences, ref.sequences)
+            assert (out.logits[0] - ref.logits[0]).abs().max().item() <= TOL
+            store.save("a", cache, out.sequences).result()  # DRAM; the disk write fails with a warning
+            store.drop("b")
+            assert store.history("b") is None
+            assert_miss_but_correct(model, store, ids_b, session="b")
+    assert "cannot remove" in caplog.text and "could not write" in caplog.text

@@ -16,7 +16,7 @@ from ..config import StoreConfig
 from ..errors import AttnStoreError, RecordError
 from ..pipeline.cost import CostModel
 from ..pipeline.saver import Snapshot, prompt_views
-from ..record import LayerKV, SessionRecord, dtype_name, session_key, transcode
+from ..record import LayerKV, SessionRecord, _check_head, dtype_name, session_key, transcode
 from .disk import DiskTier
 from .dram import DramTier
 from .policy import make_policy
@@ -133,7 +133,7 @@ class AttentionStore:
                                    timeout_s=self.config.redis_timeout_s)
             if not self.redis.available():
                 log.warning("Redis at %s is not reachable; the shared tier is skipped until it is back",
-                            self.config.redis_url)
+                            self.redis.shown_url)
         self._pool = ThreadPoolExecutor(self.config.save_workers, thread_name_prefix="attnstore-write")
         self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="attnstore-save")  # one: saves commit in order
         self._save_slots = threading.BoundedSemaphore(self.config.save_queue)
@@ -952,11 +952,14 @@ class AttentionStore:
         if self.disk is not None:
             for key in self.disk.keys():
                 head = self.disk.read_header(key)
-                if head is None or head.get("namespace") != self.namespace or head.get("session_id") in out:
+                try:  # the header's own checksum: a damaged one is left out (a lookup quarantines it)
+                    _check_head(head or {}, self.namespace, None)
+                    sid, tokens, saved_at = head["session_id"], len(head["token_ids"]), head["meta"].get("saved_at", 0)
+                except (RecordError, KeyError, TypeError, AttributeError):
                     continue
-                out[head["session_id"]] = {"session_id": head["session_id"], "tokens": len(head["token_ids"]),
-                                           "bytes": self.disk._index.get(key, 0), "tier": "disk",
-                                           "saved_at": head.get("meta", {}).get("saved_at", 0)}
+                if sid not in out:
+                    out[sid] = {"session_id": sid, "tokens": tokens, "bytes": self.disk._index.get(key, 0),
+                                "tier": "disk", "saved_at": saved_at}
         live = [r for r in out.values() if not self._stale(r["saved_at"])]  # expired: what a lookup would drop
         return sorted(live, key=lambda r: -float(r["saved_at"] or 0))
 

@@ -51,6 +51,7 @@ class DiskTier:
         self.policy = policy or LRUPolicy()
         self._lock = threading.RLock()
         self._index: dict[str, int] = {}
+        self._gone: dict[str, int] = {}  # key -> mtime of a file that could not be removed (read-only disk)
         self.used = 0
         self.evictions = 0
         self._rebuild_index()
@@ -59,7 +60,16 @@ class DiskTier:
     def _dir_lock(self):
         """Serialise writers across processes sharing the directory (advisory flock)."""
         with self._lock:
-            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:  # a read-only directory: nothing will be written here, reading needs no lock
+                try:
+                    fd = os.open(self.dir / LOCK, os.O_RDONLY)
+                except OSError:
+                    fd = None
+            if fd is None:
+                yield
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -84,7 +94,10 @@ class DiskTier:
                         head = self.read_header(key)  # unreadable: indexed (quarantined when looked up)
                         if head is not None and head.get("namespace") != self.namespace:
                             continue  # another tenant's, sharing the directory
-                    st = p.stat()
+                    try:
+                        st = p.stat()
+                    except OSError:  # removed meanwhile by another process, or a dangling link
+                        continue
                     found.append((st.st_mtime, key, st.st_size))
         for _, key, size in sorted(found):  # oldest first, so LRU/FIFO start from file age
             self._index[key] = size
@@ -127,9 +140,12 @@ class DiskTier:
     def _discover(self, key: str) -> bool:
         """Pick up a record another process sharing the directory has committed."""
         try:
-            size = self.path(key).stat().st_size
+            st = self.path(key).stat()
         except OSError:
             return False
+        if self._gone.get(key) == st.st_mtime_ns:
+            return False
+        size = st.st_size
         with self._lock:
             if key not in self._index:
                 self._index[key] = size
@@ -145,6 +161,9 @@ class DiskTier:
             out = reader(self.path(key))
         except FileNotFoundError:
             self._drop_index(key)
+            return None
+        except OSError as exc:  # not ours to read (permissions), a directory, disk_dir replaced: a miss
+            log.warning("disk tier: cannot read %s (%s); treating it as a miss", self.path(key), exc)
             return None
         if touch:
             self.policy.touch(key)
@@ -169,9 +188,10 @@ class DiskTier:
                 if hlen > 1 << 28:
                     return None
                 meta = json.loads(f.read(hlen)).get("__metadata__") or {}
-            return json.loads(meta["attnstore"])
-        except (OSError, ValueError, KeyError, struct.error):
+            head = json.loads(meta["attnstore"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
             return None
+        return head if isinstance(head, dict) else None
 
     def get(self, key: str, **expect) -> SessionRecord | None:
         """Decode and verify a record (raises :class:`RecordError` on a bad file)."""
@@ -261,8 +281,18 @@ class DiskTier:
             self.path(key).unlink()
         except FileNotFoundError:
             pass
+        except OSError as exc:  # a read-only disk: the file stays, but this store no longer counts or serves it
+            log.warning("disk tier: cannot remove %s (%s); ignoring it from now on", self.path(key), exc)
+            self._ignore(key)
         self.policy.on_remove(key, self.name)
         return had
+
+    def _ignore(self, key: str) -> None:
+        """A file this tier could not remove: not picked up again (:meth:`_discover`) unless rewritten."""
+        try:
+            self._gone[key] = self.path(key).stat().st_mtime_ns
+        except OSError:
+            pass
 
     def quarantine(self, key: str, reason: str = "") -> Path | None:
         """Move a rejected record file out of the way (``quarantine/<key>.<time>.bad``); it is never read again."""
@@ -281,5 +311,5 @@ class DiskTier:
             try:
                 self.path(key).unlink()
             except OSError:
-                pass
+                self._ignore(key)
             return None

@@ -9,14 +9,46 @@ import re
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+BATCH = 64                # chunks read or deleted per round trip: a manifest's claims never size one pipeline
+PENDING_TTL_S = 3600      # chunks of a write not committed yet expire unless the manifest commits them
 
 
 class RedisUnavailable(Exception):
-    """Redis could not be reached (down, timeout, restarting); the store treats it as a miss."""
+    """Redis could not be reached (down, timeout, restarting), or refused a command; the store treats it as a
+    miss."""
+
+
+def redact(url: str) -> str:
+    """``url`` without its user name and password (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
+    except ValueError:
+        return "<redis url>"
+
+
+def _manifest(raw) -> dict | None:
+    """A manifest's fields once checked (``w`` write id, ``n`` chunks, ``size``), or ``None`` (absent, garbage, of
+    another version): what a reader cannot trust is a miss, never an exception or a huge loop."""
+    if raw is None:
+        return None
+    try:
+        man = json.loads(raw)
+        if not isinstance(man, dict) or man.get("v") != MANIFEST_VERSION:
+            return None
+        wid, n, size = man["w"], int(man["n"]), int(man["size"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(wid, str) or not re.fullmatch(r"[0-9a-f]{1,32}", wid) or not 1 <= n <= max(1, size):
+        return None
+    return {**man, "n": n, "size": size}
 
 
 class RedisTier:
@@ -38,39 +70,54 @@ class RedisTier:
             raise ImportError("the Redis tier needs the 'redis' package: pip install 'attnstore-hf[redis]'") from exc
         self._redis = redis
         self.url = url
+        self.shown_url = redact(url)  # the password stays out of logs
         self.namespace = re.sub(r"[^A-Za-z0-9_.-]", "_", namespace)[:64]
         self.chunk_bytes = int(chunk_bytes)
         self.ttl = None if ttl_seconds is None else max(1, int(ttl_seconds))
         self.retry_s = retry_s
         self._down_until = 0.0
         self._lock = threading.Lock()
-        kw = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False)
-        if url.startswith("redis+cluster://") or url.startswith("rediss+cluster://"):
-            from redis.cluster import RedisCluster
-
-            self.client = RedisCluster.from_url(url.replace("+cluster", ""), **kw)
-        else:
-            self.client = redis.Redis.from_url(url, health_check_interval=30, **kw)
+        self._kw = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False)
+        self._cluster = url.startswith("redis+cluster://") or url.startswith("rediss+cluster://")
+        self._client = None
+        if not self._cluster:  # connects on first use; a Cluster client connects when made: made in _call
+            self._client = redis.Redis.from_url(url, health_check_interval=30, **self._kw)
         self.errors = 0
+
+    @property
+    def client(self):
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    from redis.cluster import RedisCluster
+
+                    self._client = RedisCluster.from_url(self.url.replace("+cluster", ""), **self._kw)
+        return self._client
 
     # ---- keys ----------------------------------------------------------------------------------------------
     def _base(self, key: str, fingerprint: str) -> str:
         return f"attnstore:{self.namespace}:{{{fingerprint[:16]}:{key}}}"
 
-    def _call(self, fn):
-        if time.monotonic() < self._down_until:
-            raise RedisUnavailable(f"Redis at {self.url} failed recently; retrying after a short back-off")
+    def _call(self, fn, *, now: bool = False):
+        """``fn()``; a failure becomes :class:`RedisUnavailable`. The server down, slow, full or refusing (any error
+        but one about a key's type) puts the tier off for ``retry_s`` (``now``: tried all the same); a key of the
+        wrong type is that key's problem (the caller replaces or ignores it), not every session's."""
+        if not now and time.monotonic() < self._down_until:
+            raise RedisUnavailable(f"Redis at {self.shown_url} failed recently; retrying after a short back-off")
+        exceptions = self._redis.exceptions
         try:
             return fn()
-        except (self._redis.exceptions.ConnectionError, self._redis.exceptions.TimeoutError,
-                self._redis.exceptions.ResponseError, OSError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (exceptions.RedisError, OSError)) and not _is_cluster_error(exc):
+                raise  # a bug of ours, not Redis failing
             self.errors += 1
-            self._down_until = time.monotonic() + self.retry_s
+            if not _wrong_type(exc):
+                self._down_until = time.monotonic() + self.retry_s
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def available(self) -> bool:
         try:
-            return bool(self._call(self.client.ping))
+            return bool(self._call(lambda: self.client.ping()))
         except RedisUnavailable:
             return False
 
@@ -78,31 +125,42 @@ class RedisTier:
     def contains(self, key: str, fingerprint: str) -> bool:
         return bool(self._call(lambda: self.client.exists(self._base(key, fingerprint) + ":m")))
 
+    def _get_manifest(self, base: str) -> dict | None:
+        """The manifest at ``base`` (checked), or ``None``; a manifest key of another type is a miss."""
+        try:
+            raw = self._call(lambda: self.client.get(base + ":m"))
+        except RedisUnavailable as exc:
+            if _wrong_type(exc.__cause__):
+                log.warning("Redis: the key %s:m is not a record manifest (another type); treated as absent", base)
+                return None
+            raise
+        return _manifest(raw)
+
     def get_bytes(self, key: str, fingerprint: str) -> bytes | None:
         """The record's bytes, or ``None`` if absent. Raises :class:`RedisUnavailable`."""
         base = self._base(key, fingerprint)
-        raw = self._call(lambda: self.client.get(base + ":m"))
-        if raw is None:
+        man = self._get_manifest(base)
+        if man is None:
             return None
-        try:
-            man = json.loads(raw)
-            if man.get("v") != MANIFEST_VERSION:
+        wid, n, size = man["w"], man["n"], man["size"]
+        chunks, got = [], 0
+        for lo in range(0, n, BATCH):  # what the manifest claims costs nothing until the chunks are there
+
+            def fetch(lo=lo):
+                pipe = self.client.pipeline(transaction=False)
+                for i in range(lo, min(n, lo + BATCH)):
+                    pipe.get(f"{base}:{wid}:{i}")
+                return pipe.execute()
+
+            part = self._call(fetch)
+            if any(c is None or isinstance(c, Exception) for c in part):
+                return None  # chunks expired or evicted by Redis, or never there: a miss
+            got += sum(len(c) for c in part)
+            if got > size:
                 return None
-            wid, n = man["w"], int(man["n"])
-        except (ValueError, KeyError, TypeError):
-            return None
-
-        def fetch():
-            pipe = self.client.pipeline(transaction=False)
-            for i in range(n):
-                pipe.get(f"{base}:{wid}:{i}")
-            return pipe.execute()
-
-        chunks = self._call(fetch)
-        if any(c is None for c in chunks):
-            return None  # chunks expired or evicted by Redis: a miss
+            chunks += part
         data = b"".join(chunks)
-        if len(data) != man.get("size") or hashlib.sha256(data).hexdigest() != man.get("sha256"):
+        if len(data) != size or hashlib.sha256(data).hexdigest() != man.get("sha256"):
             return None
         return data
 
@@ -110,14 +168,13 @@ class RedisTier:
         """What the shared record's manifest says of it (one round trip): ``tokens`` it holds and the
         conversation's ``turn`` it was saved at (``None`` for a record written before turns were counted), or
         ``None`` if there is none."""
-        raw = self._call(lambda: self.client.get(self._base(key, fingerprint) + ":m"))
-        if raw is None:
+        man = self._get_manifest(self._base(key, fingerprint))
+        if man is None:
             return None
         try:
-            man = json.loads(raw)
             turn = man.get("turn")
             return {"tokens": int(man.get("tokens", -1)), "turn": None if turn is None else int(turn)}
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError):
             return None
 
     def put_bytes(self, key: str, fingerprint: str, data: bytes, tokens: int = -1, turn: int | None = None) -> int:
@@ -128,31 +185,73 @@ class RedisTier:
         man = json.dumps({"v": MANIFEST_VERSION, "w": wid, "n": n, "size": len(data), "tokens": tokens,
                           "turn": turn, "sha256": hashlib.sha256(data).hexdigest(), "t": time.time()})
 
+        old = self._take_manifest(base, delete=False)
+
         def write():
-            old = self.client.get(base + ":m")
+            # until the manifest commits them, the chunks expire on their own: a write that fails half-way (the
+            # server full, killed, a timeout) leaves nothing behind for good
             pipe = self.client.pipeline(transaction=False)
             for i in range(n):
-                pipe.set(f"{base}:{wid}:{i}", data[i * self.chunk_bytes : (i + 1) * self.chunk_bytes], ex=self.ttl)
+                pipe.set(f"{base}:{wid}:{i}", data[i * self.chunk_bytes : (i + 1) * self.chunk_bytes],
+                         ex=self.ttl or PENDING_TTL_S)
             pipe.execute()
             self.client.set(base + ":m", man, ex=self.ttl)  # the commit point
-            if old is not None:
-                try:
-                    o = json.loads(old)
-                    self.client.delete(*[f"{base}:{o['w']}:{i}" for i in range(int(o["n"]))])
-                except (ValueError, KeyError, TypeError):
-                    pass
+            if self.ttl is None:
+                pipe = self.client.pipeline(transaction=False)
+                for i in range(n):
+                    pipe.persist(f"{base}:{wid}:{i}")
+                pipe.execute()
 
-        self._call(write)
+        try:
+            self._call(write)
+        except RedisUnavailable:
+            try:  # best effort, at once (a full server still deletes; a dead one cannot): else they expire
+                self._call(lambda: self._delete_chunks(base, wid, n), now=True)
+            except RedisUnavailable:
+                pass
+            raise
+        if old is not None:
+            try:
+                self._call(lambda: self._delete_chunks(base, old["w"], old["n"]))
+            except RedisUnavailable as exc:  # published all the same; the old write's chunks stay behind
+                log.warning("Redis: could not delete a replaced record's chunks (%s)", exc)
         return len(data)
+
+    def _take_manifest(self, base: str, delete: bool) -> dict | None:
+        """The manifest at ``base`` (checked; ``None`` if garbage), the key deleted if ``delete``; a key of another
+        type there is deleted either way (it would refuse every write and drop of the session)."""
+        try:
+            raw = self._call(lambda: self.client.get(base + ":m"))
+        except RedisUnavailable as exc:
+            if not _wrong_type(exc.__cause__):
+                raise
+            self._call(lambda: self.client.delete(base + ":m"))
+            return None
+        if delete and raw is not None:
+            self._call(lambda: self.client.delete(base + ":m"))
+        return _manifest(raw)
+
+    def _delete_chunks(self, base: str, wid: str, n: int) -> None:
+        """Delete the chunks of write ``wid``, a batch per round trip, stopping at a batch none of which was
+        there (chunks are numbered from 0: a manifest claiming millions costs one round trip)."""
+        for lo in range(0, n, BATCH):
+            if not self.client.delete(*[f"{base}:{wid}:{i}" for i in range(lo, min(n, lo + BATCH))]):
+                return
 
     def remove(self, key: str, fingerprint: str) -> None:
         base = self._base(key, fingerprint)
+        old = self._take_manifest(base, delete=True)
+        if old is not None:
+            self._call(lambda: self._delete_chunks(base, old["w"], old["n"]))
 
-        def rm():
-            old = self.client.get(base + ":m")
-            self.client.delete(base + ":m")
-            if old is not None:
-                o = json.loads(old)
-                self.client.delete(*[f"{base}:{o['w']}:{i}" for i in range(int(o["n"]))])
 
-        self._call(rm)
+def _wrong_type(exc) -> bool:
+    return exc is not None and "WRONGTYPE" in str(exc)
+
+
+def _is_cluster_error(exc) -> bool:
+    try:
+        from redis.exceptions import RedisClusterException
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, RedisClusterException)
