@@ -81,7 +81,10 @@ def test_scheduler_evicts_idle_lru_first_then_furthest_in_queue(tmp_path):
     store.put_record(rec("j"))  # i, just saved, is idle (not queued): it goes before any queued session
     assert set(store.dram.keys()) == dram_keys(store, "c", "a", "g", "j")
     store.plan(["c", "a", "g", "j"])
-    store.put_record(rec("k"))  # everything queued: the furthest from the head (j) goes
+    store.put_record(rec("k"))  # everything in DRAM queued: k, not queued at all, is the furthest: to disk
+    store.flush()
+    assert set(store.dram.keys()) == dram_keys(store, "c", "a", "g", "j") and store.disk.contains(*dram_keys(store, "k"))
+    store.plan(["c", "a", "k", "g", "j"], wait=True)  # k third: of the queued, j is the furthest from the head
     assert set(store.dram.keys()) == dram_keys(store, "c", "a", "g", "k")
     store.close()
 
@@ -100,6 +103,47 @@ def test_prefetch_window_loads_head_of_queue_and_keeps_it(tmp_path):
     assert tier == "dram" and same(r, rec("s1", salt=1))
     st_ = store.stats()
     assert st_["prefetches"] == 3 and st_["prefetch_hits"] == 1
+    store.close()
+
+
+@pytest.mark.parametrize("write_policy", ["write_through", "write_back"])
+def test_a_session_outside_the_queue_does_not_push_a_queued_one_out(tmp_path, write_policy):
+    """Serving a session that is not queued (its disk lookup, then its save) evicted the furthest of the sessions
+    the queue had just prefetched, which its next turn then read from disk. It now goes to disk itself."""
+    store = make(tmp_path, "scheduler", dram_records=3, write_policy=write_policy)
+    for i, sid in enumerate(("a", "b", "c", "z")):
+        store.put_record(rec(sid, salt=i))
+    store.flush()
+    assert store.plan(["a", "b", "c"], wait=True) == ["a"]
+    assert set(store.dram.keys()) == dram_keys(store, "a", "b", "c")
+    r, tier = store.get_record("z")
+    assert tier == "disk" and same(r, rec("z", salt=3))
+    store.put_record(rec("z", salt=9))
+    store.flush()
+    assert set(store.dram.keys()) == dram_keys(store, "a", "b", "c")
+    r, tier = store.get_record("z")
+    assert tier == "disk" and same(r, rec("z", salt=9))  # the new turn, not lost
+    for i, sid in enumerate(("a", "b", "c")):
+        r, tier = store.get_record(sid)
+        assert tier == "dram" and same(r, rec(sid, salt=i))
+    store.close()
+
+
+def test_the_windows_count_sessions_the_store_holds_once(tmp_path):
+    """A session queued for several turns, and new conversations with nothing stored, took places in the
+    prefetch window: [a, a, a, b] prefetched only a, [new1, new2, new3, a] nothing."""
+    store = make(tmp_path, "scheduler", dram_records=3)
+    for i, sid in enumerate(("a", "b", "x", "y", "z")):
+        store.put_record(rec(sid, salt=i))
+    store.flush()
+    assert set(store.dram.keys()) == dram_keys(store, "x", "y", "z")
+    assert store.plan(["a", "a", "a", "b"], wait=True) == ["a", "b"]
+    assert dram_keys(store, "a", "b") <= set(store.dram.keys())
+    store.put_record(rec("x", salt=7))  # a's and b's places are kept
+    store.flush()
+    assert dram_keys(store, "a", "b") <= set(store.dram.keys())
+    store.plan(["new1", "new2", "new3", "x"], wait=True)
+    assert dram_keys(store, "x") <= set(store.dram.keys())
     store.close()
 
 

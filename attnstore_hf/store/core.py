@@ -746,7 +746,7 @@ class AttentionStore:
             self._submit(self._write_redis, rec)
         self._count("saves")
         log.debug("session %r: saved %d tokens (%d bytes)%s", rec.session_id, rec.num_tokens, rec.nbytes,
-                  "" if kept else " straight to disk (larger than DRAM)")
+                  "" if kept else " straight to disk (no room in DRAM)")
 
     def _dram_lock(self, key: str) -> threading.Lock:
         return _stripe(self._dram_locks, key)
@@ -769,8 +769,10 @@ class AttentionStore:
             return self._put_dram(rec, protect=protect)
 
     def _put_dram(self, rec: SessionRecord, protect=None) -> bool:
-        """Put ``rec`` in DRAM; demote what it evicts. Returns whether ``rec`` itself stayed in DRAM."""
-        evicted = self.dram.put(rec, protect=self._protect_dram if protect is None else protect)
+        """Put ``rec`` in DRAM; demote what it evicts. Returns whether ``rec`` itself stayed in DRAM: not if it is
+        larger than DRAM, nor if (with a disk below) it would push out a session the queue protects."""
+        evicted = self.dram.put(rec, protect=self._protect_dram if protect is None else protect,
+                                yield_to_protected=self.disk is not None)
         kept = True
         for old in evicted:
             if old is rec or old.key == rec.key:
@@ -869,12 +871,16 @@ class AttentionStore:
         disk writes they caused (deterministic placement, for simulations and tests).
         """
         self._check_open()
-        ids = [_check_session_id(s) for s in upcoming_session_ids]
+        ids = list(dict.fromkeys(_check_session_id(s) for s in upcoming_session_ids))  # a session's next turn
         keys = [self._key(s) for s in ids]
         self.policy.plan(keys)
         if self.policy.name != "scheduler":
             return []
         pw, ew = self.windows()
+        # the windows count sessions the store holds: a new conversation in the queue needs no room
+        held = [(sid, key) for sid, key in zip(ids, keys)
+                if self.dram.contains(key) or (self.disk is not None and self.disk.contains(key))]
+        ids, keys = [sid for sid, _ in held], [key for _, key in held]
         head = keys if pw is None else keys[:pw]
         self._protect_dram = frozenset(head)
         self._protect_disk = frozenset(keys if ew is None else keys[:ew])

@@ -72,10 +72,12 @@ class DramTier:
             evictable = sum(r.nbytes for k, r in self._records.items() if k not in protect and k != replacing)
             return size <= free + evictable
 
-    def put(self, record: SessionRecord, protect=frozenset()) -> list[SessionRecord]:
+    def put(self, record: SessionRecord, protect=frozenset(), yield_to_protected: bool = False
+            ) -> list[SessionRecord]:
         """Insert (or replace) ``record``; returns the records evicted to make room (in the policy's order; keys
         in ``protect`` only if nothing else is left). A record larger than the whole tier is not kept (it is
-        returned as evicted itself).
+        returned as evicted itself); so is one not in ``protect`` that would push a protected one out, if
+        ``yield_to_protected`` (a tier below takes it).
         """
         if self.pin:
             record = pin_record(record)
@@ -84,6 +86,11 @@ class DramTier:
             self.remove(record.key, _forget=False)
             if self.capacity is not None and size > self.capacity:
                 return [record]
+            if (yield_to_protected and record.key not in protect and self.capacity is not None
+                    and self.used + size > self.capacity):
+                unprotected = sum(r.nbytes for k, r in self._records.items() if k not in protect)
+                if self.used - unprotected + size > self.capacity:
+                    return [record]
             evicted = []
             if self.capacity is not None and self.used + size > self.capacity:
                 order = self.policy.eviction_order(self._records.keys(), self.name)
