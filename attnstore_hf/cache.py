@@ -516,7 +516,8 @@ class AttentionStoreCache(Cache):
         if restored and ids is not None:
             self._check_turn(ids, past)  # raises before anything changed: generate() can be called again
         mask = kwargs.get("attention_mask")
-        self._check_span(mask, kwargs.get("position_ids"), past, n)
+        # a restored turn's first forward had its ids checked above: its positions need no read-back (a host sync)
+        self._check_span(mask, None if restored and ids is not None else kwargs.get("position_ids"), past, n)
         loader = self._loader
         if first and loader is not None and not loader.released:
             loader.release()  # a staged turn run directly (not handed over by cache_for): its held-back layers
