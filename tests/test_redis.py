@@ -373,3 +373,68 @@ def test_credentials_stay_out_of_logs_and_a_dead_cluster_is_a_miss(tmp_path, cap
             assert c2.source == "dram"
             store.close()
     assert "not reachable" in caplog.text and "S3cretPassw0rd" not in caplog.text
+
+
+def _chunks(client):
+    return {k: client.ttl(k) for k in client.keys("attnstore:*") if not k.endswith(b":m")}
+
+
+def test_replicas_racing_to_publish_one_session_leave_no_chunk_behind(redis_server):
+    """A replica read the manifest it would replace before uploading its chunks; another committed meanwhile,
+    and its chunks were then named by no manifest and never expired. The manifest is now swapped atomically
+    (SET ... GET) and the chunks of the one actually replaced are deleted."""
+    import redis as redis_py
+
+    from attnstore_hf.store.redis import RedisTier
+
+    client = redis_py.Redis.from_url(redis_server.url)
+    a, b = (RedisTier(redis_server.url, chunk_bytes=8) for _ in range(2))
+    fp = "f" * 16
+    a.put_bytes("k", fp, b"first record bytes", turn=1)
+    swap = a._swap_manifest
+
+    def late(base, man):  # b publishes while a's chunks are uploaded, before a commits
+        b.put_bytes("k", fp, b"b's record bytes!", turn=2)
+        return swap(base, man)
+
+    a._swap_manifest = late
+    a.put_bytes("k", fp, b"a's record, committed last", turn=3)
+    assert a.get_bytes("k", fp) == b"a's record, committed last"
+    man = json.loads(client.get(next(k for k in client.keys("attnstore:*") if k.endswith(b":m"))))
+    chunks = _chunks(client)
+    assert len(chunks) == man["n"] and all(man["w"].encode() in k for k in chunks)  # only the committed write's
+    assert set(chunks.values()) == {-1}  # no ttl_seconds: kept until replaced or dropped
+
+
+def test_a_failure_after_the_commit_keeps_the_published_record(redis_server):
+    """The step after the commit (the chunks' expiry) failing made the write delete its own chunks, which the
+    committed manifest named: the shared record was gone. Now it stays readable (its chunks keep the pending
+    expiry), and the record it replaced is deleted."""
+    import redis as redis_py
+
+    from attnstore_hf.store import redis as tier_mod
+
+    client = redis_py.Redis.from_url(redis_server.url)
+    t = tier_mod.RedisTier(redis_server.url, chunk_bytes=8)
+    fp = "f" * 16
+    t.put_bytes("k", fp, b"old record bytes", turn=1)
+
+    def broken(*a):
+        raise redis_py.exceptions.ConnectionError("reset after the commit")
+
+    t._keep_chunks = broken
+    t.put_bytes("k", fp, b"new record bytes!", turn=2)
+    assert tier_mod.RedisTier(redis_server.url).get_bytes("k", fp) == b"new record bytes!"  # (t backs off now)
+    chunks = _chunks(client)
+    assert len(chunks) == 3 and all(0 < ttl <= tier_mod.PENDING_TTL_S for ttl in chunks.values())
+
+
+def test_chunks_take_the_records_expiry_once_committed(redis_server):
+    import redis as redis_py
+
+    from attnstore_hf.store.redis import PENDING_TTL_S, RedisTier
+
+    client = redis_py.Redis.from_url(redis_server.url)
+    t = RedisTier(redis_server.url, chunk_bytes=8, ttl_seconds=10 * PENDING_TTL_S)
+    t.put_bytes("k", "f" * 16, b"some record bytes")
+    assert all(PENDING_TTL_S < ttl <= 10 * PENDING_TTL_S for ttl in _chunks(client).values())

@@ -364,3 +364,36 @@ def test_a_namespace_never_counts_or_evicts_another_namespaces_records(tmp_path)
     assert sorted(s["session_id"] for s in a.sessions()) == ["u0", "u1", "u2"]
     assert all(a.get_record(s)[0] is not None for s in ("u0", "u1", "u2"))
     a.close()
+
+
+def test_a_session_whose_save_is_under_way_keeps_its_place_in_the_queue(tmp_path):
+    """The serving loop saves C's turn and passes the queue [C, A, B] at once, C's save still running: C, not
+    held yet, was left out of the prefetch window, and its commit then yielded to A and B and went to disk."""
+    import threading
+
+    from conftest import greedy, random_ids, tiny_model
+
+    model = tiny_model("llama")
+
+    def turn(store, sid, seed):
+        ids = random_ids(40, seed)
+        cache = store.cache_for(model, sid, ids)
+        out = greedy(model, ids, cache)
+        return store.save(sid, cache, out.sequences), out
+
+    with AttentionStore(StoreConfig(disk_dir=None, dram_bytes=None)) as probe:
+        size = turn(probe, "x", 9)[0].result().nbytes
+    store = AttentionStore(StoreConfig(disk_dir=tmp_path / "kv", dram_bytes=int(size * 2.5), policy="scheduler"))
+    for sid, seed in (("A", 1), ("B", 2)):
+        turn(store, sid, seed)[0].result()
+    gate = threading.Event()
+    store._save_pool.submit(gate.wait)  # C's save waits behind this: still under way when plan() comes
+    fut, out = turn(store, "C", 3)
+    store.plan(["C", "A", "B"])
+    gate.set()
+    fut.result()
+    store.flush()
+    assert store.dram.contains(store._key("C")) and store.dram.contains(store._key("A"))
+    cache = store.cache_for(model, "C", torch.cat([out.sequences, random_ids(4, 7)], 1))
+    assert cache.source == "dram"
+    store.close()

@@ -84,13 +84,6 @@ def _newer(shared: dict | None, local: SessionRecord) -> bool:
     return shared.get("tokens", -1) > local.num_tokens
 
 
-def _turn_of(head: dict | None) -> int:
-    try:
-        return int(head.get("turn") or 0) if isinstance(head, dict) else 0
-    except (TypeError, ValueError):
-        return 0
-
-
 def _shapes_match(rec: SessionRecord, kv_shapes: list[tuple[int, int]]) -> bool:
     if len(rec.layers) != len(kv_shapes):
         return False
@@ -389,7 +382,7 @@ class AttentionStore:
                 self._promote(rec, since)
         # a save is one turn more than the latest this replica knows of (a shared one it could not use included):
         # replicas tell the newer record by it
-        cache.record_turn = max(int(rec.meta.get("turn", 0)) if rec is not None else 0, _turn_of(head))
+        cache.record_turn = max(int(rec.meta.get("turn", 0)) if rec is not None else 0, int((head or {}).get("turn") or 0))
         if rec is not None:
             dtype = dtype_name(next(model.parameters()).dtype)
             if rec.fingerprint != fingerprint or rec.dtype != dtype:
@@ -878,8 +871,10 @@ class AttentionStore:
             return []
         pw, ew = self.windows()
         # the windows count sessions the store holds: a new conversation in the queue needs no room
-        held = [(sid, key) for sid, key in zip(ids, keys)
-                if self.dram.contains(key) or (self.disk is not None and self.disk.contains(key))]
+        with self._lock:
+            saving = set(self._saving) | set(self._writing)  # a save still under way: held a moment from now
+        held = [(sid, key) for sid, key in zip(ids, keys) if key in saving or self.dram.contains(key)
+                or (self.disk is not None and self.disk.contains(key))]
         ids, keys = [sid for sid, _ in held], [key for _, key in held]
         head = keys if pw is None else keys[:pw]
         self._protect_dram = frozenset(head)

@@ -51,7 +51,7 @@ class DiskTier:
         self.policy = policy or LRUPolicy()
         self._lock = threading.RLock()
         self._index: dict[str, int] = {}
-        self._gone: dict[str, int] = {}  # key -> mtime of a file that could not be removed (read-only disk)
+        self._gone: dict[str, tuple] = {}  # key -> identity of a file that could not be removed (read-only disk)
         self.used = 0
         self.evictions = 0
         self._rebuild_index()
@@ -143,7 +143,7 @@ class DiskTier:
             st = self.path(key).stat()
         except OSError:
             return False
-        if self._gone.get(key) == st.st_mtime_ns:
+        if self._gone.get(key) == _identity(st):
             return False
         size = st.st_size
         with self._lock:
@@ -290,7 +290,7 @@ class DiskTier:
     def _ignore(self, key: str) -> None:
         """A file this tier could not remove: not picked up again (:meth:`_discover`) unless rewritten."""
         try:
-            self._gone[key] = self.path(key).stat().st_mtime_ns
+            self._gone[key] = _identity(self.path(key).stat())
         except OSError:
             pass
 
@@ -313,3 +313,8 @@ class DiskTier:
             except OSError:
                 self._ignore(key)
             return None
+
+
+def _identity(st: os.stat_result) -> tuple:
+    """What tells one file at a path from the next one written there (a rename gives a new inode)."""
+    return st.st_ino, st.st_mtime_ns, st.st_size

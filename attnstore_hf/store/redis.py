@@ -28,6 +28,7 @@ def redact(url: str) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host  # IPv6
         port = f":{parts.port}" if parts.port else ""
         return urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
     except ValueError:
@@ -185,51 +186,63 @@ class RedisTier:
         man = json.dumps({"v": MANIFEST_VERSION, "w": wid, "n": n, "size": len(data), "tokens": tokens,
                           "turn": turn, "sha256": hashlib.sha256(data).hexdigest(), "t": time.time()})
 
-        old = self._take_manifest(base, delete=False)
+        # until the manifest commits them the chunks expire on their own: a write that fails half-way (the server
+        # full, killed, a timeout) leaves nothing behind for good
+        pending = self.ttl if self.ttl is not None and self.ttl <= PENDING_TTL_S else PENDING_TTL_S
 
-        def write():
-            # until the manifest commits them, the chunks expire on their own: a write that fails half-way (the
-            # server full, killed, a timeout) leaves nothing behind for good
+        def upload():
             pipe = self.client.pipeline(transaction=False)
             for i in range(n):
-                pipe.set(f"{base}:{wid}:{i}", data[i * self.chunk_bytes : (i + 1) * self.chunk_bytes],
-                         ex=self.ttl or PENDING_TTL_S)
+                pipe.set(f"{base}:{wid}:{i}", data[i * self.chunk_bytes : (i + 1) * self.chunk_bytes], ex=pending)
             pipe.execute()
-            self.client.set(base + ":m", man, ex=self.ttl)  # the commit point
-            if self.ttl is None:
-                pipe = self.client.pipeline(transaction=False)
-                for i in range(n):
-                    pipe.persist(f"{base}:{wid}:{i}")
-                pipe.execute()
 
         try:
-            self._call(write)
+            self._call(upload)
         except RedisUnavailable:
             try:  # best effort, at once (a full server still deletes; a dead one cannot): else they expire
                 self._call(lambda: self._delete_chunks(base, wid, n), now=True)
             except RedisUnavailable:
                 pass
             raise
-        if old is not None:
+        # the commit point. The manifest it replaces comes back atomically (SET ... GET): another replica may
+        # have committed since this write began, and the chunks to delete are those of the one replaced
+        replaced = self._swap_manifest(base, man)
+        if self.ttl != pending:  # the record's own expiry (or none) from now on
             try:
-                self._call(lambda: self._delete_chunks(base, old["w"], old["n"]))
+                self._call(lambda: self._keep_chunks(base, wid, n))
+            except RedisUnavailable as exc:  # committed; its chunks expire with the pending TTL (then a miss)
+                log.warning("Redis: a record was published but its chunks keep a %d s expiry (%s)", pending, exc)
+        if replaced is not None and replaced["w"] != wid:
+            try:
+                self._call(lambda: self._delete_chunks(base, replaced["w"], replaced["n"]), now=True)
             except RedisUnavailable as exc:  # published all the same; the old write's chunks stay behind
                 log.warning("Redis: could not delete a replaced record's chunks (%s)", exc)
         return len(data)
 
-    def _take_manifest(self, base: str, delete: bool) -> dict | None:
-        """The manifest at ``base`` (checked; ``None`` if garbage), the key deleted if ``delete``; a key of another
-        type there is deleted either way (it would refuse every write and drop of the session)."""
+    def _swap_manifest(self, base: str, man: str | None) -> dict | None:
+        """Set the manifest at ``base`` to ``man`` (``None``: delete it) and return the one it replaced (checked;
+        ``None`` if absent or garbage), in one atomic command (SET ... GET, GETDEL: Redis 6.2+). A key of another
+        type there is deleted first: it would refuse every write and drop of the session."""
+        op = ((lambda: self.client.getdel(base + ":m")) if man is None
+              else (lambda: self.client.set(base + ":m", man, ex=self.ttl, get=True)))
         try:
-            raw = self._call(lambda: self.client.get(base + ":m"))
+            return _manifest(self._call(op))
         except RedisUnavailable as exc:
             if not _wrong_type(exc.__cause__):
                 raise
-            self._call(lambda: self.client.delete(base + ":m"))
-            return None
-        if delete and raw is not None:
-            self._call(lambda: self.client.delete(base + ":m"))
-        return _manifest(raw)
+        self._call(lambda: self.client.delete(base + ":m"))
+        return _manifest(self._call(op))
+
+    def _keep_chunks(self, base: str, wid: str, n: int) -> None:
+        """Give a committed write's chunks the record's expiry (none: ``PERSIST``) in place of the pending one."""
+        for lo in range(0, n, BATCH):
+            pipe = self.client.pipeline(transaction=False)
+            for i in range(lo, min(n, lo + BATCH)):
+                if self.ttl is None:
+                    pipe.persist(f"{base}:{wid}:{i}")
+                else:
+                    pipe.expire(f"{base}:{wid}:{i}", self.ttl)
+            pipe.execute()
 
     def _delete_chunks(self, base: str, wid: str, n: int) -> None:
         """Delete the chunks of write ``wid``, a batch per round trip, stopping at a batch none of which was
@@ -240,7 +253,7 @@ class RedisTier:
 
     def remove(self, key: str, fingerprint: str) -> None:
         base = self._base(key, fingerprint)
-        old = self._take_manifest(base, delete=True)
+        old = self._swap_manifest(base, None)
         if old is not None:
             self._call(lambda: self._delete_chunks(base, old["w"], old["n"]))
 
