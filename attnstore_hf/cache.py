@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -363,6 +364,8 @@ class AttentionStoreCache(Cache):
         self.recomputed_tokens = 0                # restored tokens recomputed after a failed layer-wise load
         self.host_ms: dict[str, float] = {}       # host time of cache_for's phases, ms (where a lookup's time goes)
         self.forwards = 0                          # decoder forwards run on this cache
+        self._claim = threading.Lock()             # the first forward vs discard(): a cache in use is never emptied
+        self._claimed = False
         self._fed: list[torch.Tensor] | None = []  # ids of each forward (batch 1), to check what save() is given
         self._base_ids: list[int] = []             # ids of the tokens the cache held before those forwards
         self.masked = False  # a forward ran with an attention mask hiding tokens: the K/V depend on that mask
@@ -380,7 +383,7 @@ class AttentionStoreCache(Cache):
         try:
             loader.wait(layer_idx)
         except LoadError as exc:
-            self._recover(exc)
+            self._recover(exc, loader)
         if layer_idx < len(self.layers):
             self.layers[layer_idx]._waiter = None
         if self._loader is loader and all(loader._waited):
@@ -403,9 +406,18 @@ class AttentionStoreCache(Cache):
                     break
                 self._wait_layer(i)
 
-    def discard(self) -> None:
+    def discard(self) -> bool:
         """This cache will not be used (a turn restored ahead of time that was not served): stop restoring and let
-        go of what the restore holds. The cache is empty afterwards."""
+        go of what the restore holds. The cache is empty afterwards (a plain cache: a forward on it computes
+        everything). Returns ``False``, doing nothing, if a forward already ran or started on it (the caller ran
+        the cache ``stage()`` returned: theirs)."""
+        with self._claim:
+            if self._claimed:
+                return False
+            self._discard()
+            return True
+
+    def _discard(self) -> None:
         loader = self._loader
         whole = loader is not None and loader.released and loader.finished and not any(loader._errors)
         if whole:
@@ -453,12 +465,12 @@ class AttentionStoreCache(Cache):
         return fresh
 
     @torch.no_grad()
-    def _recover(self, exc: Exception) -> None:
-        """A layer could not be restored after the forward started: recompute the restored prefix of every layer
-        still pending in a nested forward (exact), so the turn goes on with the right answer."""
+    def _recover(self, exc: Exception, loader) -> None:
+        """``loader`` could not restore a layer after the forward started: recompute the restored prefix of every
+        layer still pending in a nested forward (exact), so the turn goes on with the right answer."""
         import logging
 
-        loader, self._loader = self._loader, None
+        self._loader = None
         loader.cancel()
         for layer in self.layers:
             layer._waiter = None
@@ -491,6 +503,9 @@ class AttentionStoreCache(Cache):
             raise ValueError("use_cache=False with an AttentionStoreCache: the cache would be fed every token again "
                              "at each step (a wrong answer); drop past_key_values, or leave use_cache on")
         first = self.forwards == 0
+        if first and not self._claimed:
+            with self._claim:  # after a discard() under way (which empties the cache), never during one
+                self._claimed = True
         restored = first and self.turn_ids is not None
         past = self.reused_tokens if restored else self.get_seq_length()
         if ids is None:  # inputs_embeds: what they stand for cannot be checked against the stored tokens

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from attnstore_hf import AttentionStore, StoreConfig
 from conftest import compare, random_ids, saved_turn, tiny_model
 
 
@@ -176,18 +177,21 @@ def test_stage_sessions_zero_turns_staging_off(store_factory):
     compare(model, cache, ids)
 
 
-def test_a_dropped_staged_miss_is_emptied_too(store_factory):
-    """Nothing to restore (a new session): the staged cache has no loader, and is still emptied when dropped."""
+def test_a_dropped_staged_miss_is_emptied_unless_it_was_run(store_factory):
+    """Nothing to restore (a new session): the staged cache has no loader; dropped, it is let go of all the same
+    — unless someone ran it, then it is theirs and keeps what it computed."""
     model = tiny_model("llama")
     store = store_factory(restore_mode="load")
     ids = random_ids(12, 7)
     staged = store.stage(model, "new", ids)
     assert staged.reused_tokens == 0 and staged._loader is None
+    store.drop("new")
+    assert staged.turn_ids is None and store.stats()["staged_dropped"] == 1
+    staged = store.stage(model, "new", ids)
     with torch.no_grad():
         model(ids, past_key_values=staged, use_cache=True)  # someone used it anyway
-    assert staged.get_seq_length() == 12
     store.drop("new")
-    assert staged.get_seq_length() == 0 and store.stats()["staged_dropped"] == 1
+    assert staged.get_seq_length() == 12 and staged.turn_ids is not None
 
 
 def test_a_turn_staged_for_another_model_is_not_handed_over(store_factory):
@@ -219,3 +223,44 @@ def test_cuda_staged_turn_on_the_side_stream_is_exact(stage_layers, store_factor
     cache = store.cache_for(model, "s", ids)
     assert cache is staged and cache._loader.released and cache.reused_tokens == rec.num_tokens
     compare(model, cache, ids)
+
+
+def test_a_staged_cache_the_caller_ran_is_never_emptied(store_factory):
+    """docs: generate() run on what stage() returned stays the caller's. Staging more turns than
+    ``stage_sessions`` (or a drop / save / close of the session) emptied it all the same: save() then said "the
+    cache is empty", and a discard during the caller's generate() on another thread gave shape errors or
+    silently wrong tokens. A forward claims the cache; a discard before it leaves a plain, empty cache."""
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load", stage_sessions=1)
+    ids, rec = next_turn(model, store, 5)
+    other, _ = next_turn(model, store, 6, session="o")
+    staged = store.stage(model, "s", ids)
+    out = compare(model, staged, ids)
+    held = staged.get_seq_length()
+    store.stage(model, "o", other)  # one staged turn at most: "s" is dropped from the store's list
+    store.drop("s")
+    assert staged.get_seq_length() == held
+    store.save("s", staged, out.sequences).result()
+    ids3 = torch.cat([out.sequences, random_ids(4, 7)], dim=1)
+    compare(model, store.cache_for(model, "s", ids3), ids3)
+    # discarded before the caller ran it: emptied, a plain cache that computes everything, exactly
+    early = store.stage(model, "s", ids3)
+    store.drop("s")
+    assert early.get_seq_length() == 0 and early.reused_tokens == 0
+    compare(model, early, ids3)
+
+
+def test_generate_on_a_cache_whose_store_closed_is_exact(store_factory, tmp_path):
+    """write_back, DRAM full: a disk record streamed into a cache promotes itself when its last layer arrives,
+    evicting another whose demotion went to the closed store's writer pool (RuntimeError out of generate())."""
+    model = tiny_model("llama")
+    cfg = dict(dram_bytes=3 * 40 * 1024, disk_dir=tmp_path / "kv", write_policy="write_back", fsync=False)
+    with AttentionStore(StoreConfig(**cfg)) as first:
+        ids0, _ = next_turn(model, first, 8, session="s0")
+    store = store_factory(**cfg)
+    for i, sid in enumerate(("a", "b")):
+        next_turn(model, store, 20 + i, session=sid)
+    cache = store.cache_for(model, "s0", ids0)
+    assert cache.source == "disk"
+    store.close()
+    compare(model, cache, ids0)

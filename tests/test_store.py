@@ -397,3 +397,36 @@ def test_a_session_whose_save_is_under_way_keeps_its_place_in_the_queue(tmp_path
     cache = store.cache_for(model, "C", torch.cat([out.sequences, random_ids(4, 7)], 1))
     assert cache.source == "dram"
     store.close()
+
+
+def test_a_drop_between_an_eviction_and_its_demotion_stays_dropped(tmp_path):
+    """write_back: a save evicts X from DRAM and then queues X's demotion to disk; a drop(X) in between found
+    nothing pending, and the demotion then wrote X back (history and a new store resumed it). A write is now
+    skipped once the session was saved or dropped after its record went into DRAM."""
+    import threading
+
+    store = make(tmp_path, "lru", dram_records=3, write_policy="write_back")
+    for sid in ("X", "a", "b"):
+        store.put_record(rec(sid))
+    evicted = threading.Event()
+    put = store.dram.put
+
+    def slow_put(record, *a, **k):  # the eviction as it is; only the moment after it is made longer
+        out = put(record, *a, **k)
+        if any(r.session_id == "X" for r in out):
+            evicted.set()
+            time.sleep(0.2)
+        return out
+
+    store.dram.put = slow_put
+    saver = threading.Thread(target=lambda: store.put_record(rec("c")))  # evicts X, the least recent
+    saver.start()
+    assert evicted.wait(10)
+    store.drop("X")
+    saver.join()
+    store.flush()
+    assert store.history("X") is None and not store.disk.contains(*dram_keys(store, "X"))
+    store.close()
+    again = make(tmp_path, "lru", write_policy="write_back")
+    assert again.get_record("X")[0] is None
+    again.close()

@@ -154,6 +154,7 @@ class AttentionStore:
         self.cost = CostModel()
         self._staged: dict[str, AttentionStoreCache] = {}  # turns restored ahead of time, oldest first
         self._closed = False
+        self._closing = False  # close() has begun: nothing is promoted into DRAM any more
 
     # ---- lookup / restore -------------------------------------------------------------------------------
     def _key(self, session_id: str) -> str:
@@ -348,7 +349,7 @@ class AttentionStore:
             self._discard(staged)
 
     def _discard(self, cache: AttentionStoreCache) -> None:
-        cache.discard()
+        cache.discard()  # (nothing, if the caller ran the cache stage() returned: it is theirs)
         self._count("staged_dropped")
 
     def _lookup(self, model, session_id: str, input_ids, ahead: int | None = None) -> AttentionStoreCache:
@@ -759,11 +760,16 @@ class AttentionStore:
             if since is not None and self._version(rec.key) != since:
                 log.debug("session %r: saved or dropped while its record was read; not promoted", rec.session_id)
                 return False
+            if self._closing:  # (a restore finishing after close(): the evictions' writes have no writer left)
+                return False
             return self._put_dram(rec, protect=protect)
 
     def _put_dram(self, rec: SessionRecord, protect=None) -> bool:
         """Put ``rec`` in DRAM; demote what it evicts. Returns whether ``rec`` itself stayed in DRAM: not if it is
-        larger than DRAM, nor if (with a disk below) it would push out a session the queue protects."""
+        larger than DRAM, nor if (with a disk below) it would push out a session the queue protects. Called under
+        the session's DRAM lock, its version current: a write of ``rec`` is skipped once a save or a drop of the
+        session came after (see :meth:`_write_disk`)."""
+        rec._version = self._version(rec.key)
         evicted = self.dram.put(rec, protect=self._protect_dram if protect is None else protect,
                                 yield_to_protected=self.disk is not None)
         kept = True
@@ -804,11 +810,16 @@ class AttentionStore:
 
     def _write_disk(self, rec: SessionRecord, gen: int | None = None) -> None:
         """Write ``rec`` to disk; ``gen``: its place among this session's asynchronous writes (skipped if a newer
-        one was asked for: that one writes)."""
+        one was asked for: that one writes; or if the session was saved or dropped since ``rec`` went into DRAM:
+        a demotion queued just after a drop() brought the session back)."""
         with _stripe(self._write_locks, rec.key):
             with self._lock:
-                superseded = gen is not None and gen < self._disk_gen.get(rec.key, 0)
+                superseded = gen is not None and (gen < self._disk_gen.get(rec.key, 0) or getattr(
+                    rec, "_version", None) not in (None, self._versions.get(rec.key, 0)))
             if superseded:
+                with self._lock:
+                    if self._writing.get(rec.key) is rec:
+                        del self._writing[rec.key]
                 return
             self._write_disk_now(rec)
 
@@ -1002,8 +1013,11 @@ class AttentionStore:
         with self._dram_lock(key):
             self._bump(key)  # a read of a lower tier in flight does not bring the session back
             self.dram.remove(key)
-            if self.disk is not None:
+        if self.disk is not None:  # after a write under way (its file is removed), before one queued (skipped)
+            with _stripe(self._write_locks, key):
                 self.disk.remove(key)
+        with self._lock:
+            self._writing.pop(key, None)
         self._prefetched.discard(key)
         self.policy.forget(key)
 
@@ -1011,6 +1025,7 @@ class AttentionStore:
         """Flush, persist every DRAM record to disk (so a new process resumes every session), stop the workers."""
         if self._closed:
             return
+        self._closing = True
         with self._lock:
             staged, self._staged = list(self._staged.values()), {}
         for cache in staged:
