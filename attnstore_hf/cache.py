@@ -424,10 +424,14 @@ class AttentionStoreCache(Cache):
             self.wait_loaded()  # everything arrived and was verified: finish as a used restore would
         else:
             self._abandon_restore()
-        self.reset()
+        self.reset()  # a plain cache now: what cache_for set up for the turn goes too
         self.reused_tokens = 0
         self.prefix_ids = []
-        self.turn_ids = None
+        self.turn_ids = self.user_ids = None
+        self._expect_first = None
+        self.origin_ids = []
+        self.carried = False
+        self.source = None
 
     def _abandon_restore(self) -> None:
         """Stop a layer-wise restore still running and let go of what it holds; no layer waits for it any more."""
@@ -498,14 +502,20 @@ class AttentionStoreCache(Cache):
         restored one-row cache is repeated for a forward of several rows (beam search, several return
         sequences: the rows share the prompt); restored tokens an attention mask hides (padding) are recomputed
         under that mask; and the ids are noted, so that :meth:`held_ids` can tell ``save()`` what the K/V are of.
+        A first forward that passes these checks claims the cache: :meth:`discard` leaves it alone from then on.
         """
+        if self.forwards == 0 and not self._claimed:
+            with self._claim:  # after a discard() under way (which empties the cache), never during one
+                self._check_forward(ids, kwargs)
+                self._claimed = True  # (not if the checks raised: the cache is as it was)
+        else:
+            self._check_forward(ids, kwargs)
+
+    def _check_forward(self, ids: torch.Tensor | None, kwargs: dict) -> None:
         if kwargs.get("use_cache") is False:  # generate() would feed the whole sequence at every step, appended
             raise ValueError("use_cache=False with an AttentionStoreCache: the cache would be fed every token again "
                              "at each step (a wrong answer); drop past_key_values, or leave use_cache on")
         first = self.forwards == 0
-        if first and not self._claimed:
-            with self._claim:  # after a discard() under way (which empties the cache), never during one
-                self._claimed = True
         restored = first and self.turn_ids is not None
         past = self.reused_tokens if restored else self.get_seq_length()
         if ids is None:  # inputs_embeds: what they stand for cannot be checked against the stored tokens

@@ -68,6 +68,18 @@ def test_growth_bench_compares_both_layers(tmp_path):
     ("chat", ["--disk-dir", "{tmp}/a_file/kv"], "cannot be created"),
     ("eval", ["--window", "-10"], "argument --window"),
     ("eval", ["--codecs", "zstd"], "codec must be one of"),
+    # found by a review of the tools (2026-11-27): tracebacks, or a whole run lost at its end
+    ("bench", ["reuse", "--dtype", "fp32"], "invalid choice: 'fp32'"),
+    ("bench", ["overlap", "--dtype", "Tensor"], "invalid choice: 'Tensor'"),
+    ("bench", ["replay", "--modes", "recompute", "attnstore_lr"], "invalid choice: 'attnstore_lr'"),
+    ("bench", ["sim", "--json", "{tmp}/missing/out.json"], "not a writable directory"),
+    ("bench", ["sim", "--png", "{tmp}/missing/out.png"], "not a writable directory"),
+    ("bench", ["reuse", "--redis-url", "redis://u:secret@127.0.0.1:1/0"], "not reachable"),
+    ("chat", ["--session", ""], "argument --session: a session id cannot be empty"),
+    ("chat", ["--input", "{tmp}/missing.txt", "--jsonl"], "is not a readable file"),
+    ("chat", ["--input", "{tmp}/a_file"], "--input is read by --jsonl only"),
+    ("eval", ["--skip-truncation"], "give --codecs too"),
+    ("eval", ["--json", "{tmp}/missing/out.json"], "not a writable directory"),
 ])
 def test_command_line_mistakes_are_one_error_line(tool, argv, says, tmp_path, capsys):
     """A wrong argument, or a path that does not work, is argparse's "error:" line and exit status 2 — before any
@@ -82,4 +94,4 @@ def test_command_line_mistakes_are_one_error_line(tool, argv, says, tmp_path, ca
         main([a.format(tmp=tmp_path) for a in argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "error:" in err and says in err and "Traceback" not in err
+    assert "error:" in err and says in err and "Traceback" not in err and "secret" not in err

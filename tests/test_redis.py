@@ -427,6 +427,8 @@ def test_a_failure_after_the_commit_keeps_the_published_record(redis_server):
     assert tier_mod.RedisTier(redis_server.url).get_bytes("k", fp) == b"new record bytes!"  # (t backs off now)
     chunks = _chunks(client)
     assert len(chunks) == 3 and all(0 < ttl <= tier_mod.PENDING_TTL_S for ttl in chunks.values())
+    man_key = next(k for k in client.keys("attnstore:*") if k.endswith(b":m"))
+    assert 0 < client.ttl(man_key) <= tier_mod.PENDING_TTL_S  # it does not outlive its chunks
 
 
 def test_chunks_take_the_records_expiry_once_committed(redis_server):

@@ -264,3 +264,32 @@ def test_generate_on_a_cache_whose_store_closed_is_exact(store_factory, tmp_path
     assert cache.source == "disk"
     store.close()
     compare(model, cache, ids0)
+
+
+def test_a_refused_first_forward_does_not_claim_a_staged_cache(store_factory, tmp_path):
+    """A first forward refused by its checks (other ids) claimed the staged cache all the same: the store's
+    discard then did nothing, and the loader thread holding back layers (and the record file it streamed) stayed
+    for good. A truncated staged turn, discarded, kept its truncation bookkeeping and refused a plain forward."""
+    model = tiny_model("llama")
+    with AttentionStore(StoreConfig(disk_dir=tmp_path / "kv", restore_mode="load")) as first:
+        ids, _ = next_turn(model, first, 12)
+    store = store_factory(disk_dir=tmp_path / "kv", restore_mode="load", stage_layers=1)
+    staged = store.stage(model, "s", ids)
+    loader = staged._loader
+    assert loader is not None and not loader.released and staged.source == "disk"
+    with pytest.raises(ValueError, match="other ids"), torch.no_grad():
+        model(random_ids(ids.shape[1], 999), past_key_values=staged, use_cache=True)
+    store.drop("s")
+    assert staged._loader is None and staged.turn_ids is None and store.stats()["staged_dropped"] == 1
+    if loader._thread is not None:
+        loader._thread.join(5)
+        assert not loader._thread.is_alive()
+    # truncated, then discarded: a plain cache that computes everything
+    small = store_factory(disk_dir=None, max_context=48, reserve_tokens=0, restore_mode="load")
+    out, _ = saved_turn(model, small, random_ids(30, 13))
+    long_ids = torch.cat([out.sequences, random_ids(20, 14)], dim=1)
+    staged = small.stage(model, "s", long_ids)
+    assert staged.truncated > 0 and staged.reused_tokens > 0
+    small.drop("s")
+    kept = staged.input_ids
+    compare(model, staged, kept)

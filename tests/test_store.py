@@ -430,3 +430,39 @@ def test_a_drop_between_an_eviction_and_its_demotion_stays_dropped(tmp_path):
     again = make(tmp_path, "lru", write_policy="write_back")
     assert again.get_record("X")[0] is None
     again.close()
+
+
+def test_a_prefetch_does_not_promote_a_record_older_than_one_being_written(tmp_path):
+    """write_back + scheduler: a prefetch queued while S was on disk only ran after S was saved again and that
+    newer record had left DRAM (its demotion queued, not written): it read the old file and promoted it, and the
+    old record's later demotion overwrote the newest turn on disk for good."""
+    import threading
+
+    def srec(sid, salt):
+        return synthetic_record("default", sid, list(range(50)), 256, salt=salt)
+
+    one = srec("x", 0).nbytes
+    store = AttentionStore(StoreConfig(dram_bytes=int(2.5 * one), disk_dir=tmp_path / "kv", fsync=False,
+                                       write_policy="write_back", policy="scheduler"))
+    for sid, salt in (("S", 1), ("A", 0), ("B", 0)):
+        store.put_record(srec(sid, salt))  # S's first record demoted to disk
+    store.flush()
+    prefetch_busy, writers_busy = threading.Event(), threading.Event()
+    store._prefetch_pool.submit(prefetch_busy.wait)
+    store.plan(["S"])  # S on disk only: a prefetch is queued
+    store.put_record(srec("S", 2))  # the newest turn
+    store._pool.submit(writers_busy.wait)
+    store.plan([])
+    store.put_record(srec("C", 0))
+    store.put_record(srec("D", 0))  # the newest turn leaves DRAM: its demotion waits for a writer
+    prefetch_busy.set()
+    store.wait_prefetch()
+    writers_busy.set()
+    store.flush()
+    assert store.get_record("S")[0].meta["salt"] == 2
+    for sid in "EFG":
+        store.put_record(srec(sid, 0))
+    store.close()
+    again = AttentionStore(StoreConfig(disk_dir=tmp_path / "kv", fsync=False))
+    assert again.get_record("S")[0].meta["salt"] == 2
+    again.close()

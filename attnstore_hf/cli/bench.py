@@ -18,10 +18,12 @@ import torch
 from ..cache import ChunkedLayer
 from ..config import StoreConfig
 from ..record import session_key
+from ..serving import MODES as SERVING_MODES
 from ..sim import KV_BYTES_PER_TOKEN
 from ..store import AttentionStore
 from . import overlap
-from .common import codec_list, positive_float, positive_int, run_main, size, timed_generate
+from .common import (DTYPES, codec_list, positive_float, positive_int, run_main, size, timed_generate,
+                     writable_parent)
 
 
 def _write_report(rows: list[dict], cols: list[str], path: str | None, extra: dict | None = None) -> str:
@@ -34,6 +36,15 @@ def _write_report(rows: list[dict], cols: list[str], path: str | None, extra: di
         with open(os.path.splitext(path)[0] + ".md", "w") as f:
             f.write(table)
     return table
+
+
+def _gb(gb: float) -> str:
+    """A size given in GB, readable at any scale (100 MB was printed as "0 GB")."""
+    if gb >= 10:
+        return f"{gb:.0f} GB"
+    if gb >= 1:
+        return f"{gb:.2f} GB"
+    return f"{gb * 1e3:.3g} MB"
 
 
 def _start_redis():
@@ -429,27 +440,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("reuse", help="TTFT: recompute vs restored from DRAM vs from disk (Gemma 3 270M)")
     r.add_argument("--model", default=None)
-    r.add_argument("--dtype", default="float32")
+    r.add_argument("--dtype", default="float32", choices=DTYPES)
     r.add_argument("--histories", type=positive_int, nargs="+", default=[512, 1024, 2048])
     r.add_argument("--new", type=positive_int, default=64)
     r.add_argument("--repeats", type=positive_int, default=3)
-    r.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
+    r.add_argument("--json", type=writable_parent, default=None,
+                   help="write results here (and a .md table beside it)")
     r.add_argument("--redis-url", default=None, help="also measure restoring from this Redis")
     rm = sub.add_parser("remote", help="restore from Redis vs local disk vs DRAM vs recompute (2048 tokens)")
     rm.add_argument("--model", default=None)
-    rm.add_argument("--dtype", default="float32")
+    rm.add_argument("--dtype", default="float32", choices=DTYPES)
     rm.add_argument("--histories", type=positive_int, nargs="+", default=[2048])
     rm.add_argument("--new", type=positive_int, default=64)
     rm.add_argument("--repeats", type=positive_int, default=3)
     rm.add_argument("--redis-url", default=None, help="default: start a temporary redis-server on loopback")
-    rm.add_argument("--json", default=None)
+    rm.add_argument("--json", type=writable_parent, default=None)
     g = sub.add_parser("growth", help="decode-time cache growth: chunked buffers vs DynamicLayer concatenation")
     g.add_argument("--steps", type=positive_int, nargs="+", default=[256, 1024, 4096])
     g.add_argument("--prompt", type=positive_int, default=2048)
     g.add_argument("--heads", type=positive_int, default=1)
     g.add_argument("--head-dim", type=positive_int, default=256)
     g.add_argument("--repeats", type=positive_int, default=3)
-    g.add_argument("--json", default=None)
+    g.add_argument("--json", type=writable_parent, default=None)
     m = sub.add_parser("sim", help="trace-driven simulation of the lru / fifo / scheduler policies on ShareGPT")
     m.add_argument("--sessions", type=positive_int, default=2000)
     m.add_argument("--rate", type=positive_float, default=2.0, help="new sessions per second (Poisson)")
@@ -465,17 +477,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more DRAM capacities for the plot (same trace)")
     m.add_argument("--disk-sweep", nargs="*", default=[],
                    help="more disk capacities (DRAM fixed), e.g. 450GB 600GB 1000GB: where LRU and FIFO cross")
-    m.add_argument("--png", default=None, help="plot of hit rate vs DRAM capacity")
+    m.add_argument("--png", type=writable_parent, default=None, help="plot of hit rate vs DRAM capacity")
     m.add_argument("--no-tokenizer", action="store_true", help="count ~4 characters per token instead")
     m.add_argument("--codecs", type=codec_list, default=None,
                    help="also run with records stored by these codecs, e.g. int8,fp8")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--seeds", type=int, nargs="*", default=[],
                    help="also replay traces drawn with these seeds at the default capacities (spread of the gaps)")
-    m.add_argument("--json", default=None)
+    m.add_argument("--json", type=writable_parent, default=None)
     r2 = sub.add_parser("replay", help="ShareGPT sessions on the real model: recompute vs hf_dynamic vs attnstore")
     r2.add_argument("--model", default=None)
-    r2.add_argument("--dtype", default="float32")
+    r2.add_argument("--dtype", default="float32", choices=DTYPES)
     r2.add_argument("--sessions", type=positive_int, default=12)
     r2.add_argument("--max-turns", type=positive_int, default=6)
     r2.add_argument("--user-cap", type=positive_int, default=512, help="tokens kept of each user message")
@@ -487,12 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="service-time model used only to order the queue")
     r2.add_argument("--dram", type=size, default="60MB", help="DRAM tier of the attnstore modes")
     r2.add_argument("--disk", type=size, default="1GB", help="disk tier of the attnstore modes")
-    r2.add_argument("--modes", nargs="*", default=None)
+    r2.add_argument("--modes", nargs="*", default=None, choices=SERVING_MODES, help="default: all")
     r2.add_argument("--seed", type=int, default=0)
     r2.add_argument("--passes", type=positive_int, default=2,
                     help="replay the trace this many times, every other pass in reverse mode order")
-    r2.add_argument("--png", default=None)
-    r2.add_argument("--json", default=None)
+    r2.add_argument("--png", type=writable_parent, default=None)
+    r2.add_argument("--json", type=writable_parent, default=None)
     overlap.add_parser(sub)
     return p
 
@@ -511,6 +523,13 @@ def _main(args) -> int:
         server = None
         if args.cmd == "remote" and not args.redis_url:
             server, args.redis_url = _start_redis()
+        elif args.redis_url:  # said now, not after the model ran
+            from ..errors import ConfigError
+            from ..store.redis import RedisTier
+
+            tier = RedisTier(args.redis_url)
+            if not tier.available():
+                raise ConfigError(f"--redis-url: Redis at {tier.shown_url} is not reachable")
         try:
             rows = bench_reuse(args)
         finally:
@@ -545,16 +564,16 @@ def _main(args) -> int:
         cols = ["codec", "policy", "dram_gb", "disk_gb", "hit_rate", "dram_hit_rate", "disk_hit_rate",
                 "dram_share_of_hits", "prefetch_hits", "seconds"]
         print(f"{info['sessions']} sessions, {info['turns']} turns, working set "
-              f"{info['working_set_bytes'] / 1e9:.0f} GB (mean record {info['mean_record_bytes'] / 1e9:.2f} GB)")
+              f"{_gb(info['working_set_bytes'] / 1e9)} (mean record {_gb(info['mean_record_bytes'] / 1e9)})")
         for r in info["sweep"]:
             if r["codec"] == "none" and (r["dram_gb"] != cfg_gb(info, "dram") or r["disk_gb"] != cfg_gb(info, "disk")):
-                print(f"  DRAM {r['dram_gb']:.0f} GB, disk {r['disk_gb']:.0f} GB: {r['policy']} {r['hit_rate']:.1%}")
+                print(f"  DRAM {_gb(r['dram_gb'])}, disk {_gb(r['disk_gb'])}: {r['policy']} {r['hit_rate']:.1%}")
         for seed, r in info.get("seeds", {}).items():
             print(f"  seed {seed}: " + ", ".join(f"{pol} {v:.2%}" for pol, v in r.items()))
         if "seeds_mean" in info:
             print("  mean over seeds: " + ", ".join(f"{pol} {v:.2%}" for pol, v in info["seeds_mean"].items()))
         for f in info["flat"]:
-            print(f"  textbook single-tier cache of {f['capacity_gb']:.0f} GB (same trace, no store code): "
+            print(f"  textbook single-tier cache of {_gb(f['capacity_gb'])} (same trace, no store code): "
                   f"lru {f['lru']:.1%}, fifo {f['fifo']:.1%}")
     print(_write_report(rows, cols, args.json, extra))
     return 0

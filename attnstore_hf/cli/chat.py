@@ -17,7 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..config import StoreConfig, default_disk_dir
 from ..models import DEFAULT_MODEL, load_model
 from ..store import AttentionStore
-from .common import positive_int, run_main, size
+from .common import positive_int, readable_file, run_main, session_id, size
 
 DEMO_TURNS = [
     "Hi! I am planning a three-day trip to Lisbon in spring. What should I see first?",
@@ -26,6 +26,7 @@ DEMO_TURNS = [
 ]
 SYSTEM = "The following is a conversation between a curious user and a helpful, knowledgeable assistant.\n"
 COMMANDS = "/sessions  /reset  /stats  /quit"
+DEMO_SESSION = "demo"  # the demo starts its session over: never the user's own (the default "chat")
 
 
 _STOPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Chat with a model; each turn restores the conversation's KV cache. "
                                             f"Commands: {COMMANDS}")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local model directory (default: bundled Gemma 3 270M)")
-    p.add_argument("--session", default="chat", help="conversation name: it persists and resumes across runs")
+    p.add_argument("--session", type=session_id, default=None,
+                   help=f"conversation name: it persists and resumes across runs (default: chat; with --demo: "
+                        f"{DEMO_SESSION}, which the demo starts over)")
     p.add_argument("--disk-dir", default=str(default_disk_dir()), help="disk tier directory")
     p.add_argument("--dram", type=size, default="2GB", help="DRAM tier capacity")
     p.add_argument("--namespace", default="default")
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", action="store_true", help="start the session over (forget what is stored)")
     p.add_argument("--jsonl", action="store_true",
                    help="non-interactive: user turns one per line (stdin or --input), one JSON object per reply")
-    p.add_argument("--input", default=None, help="file of user turns for --jsonl (default: stdin)")
+    p.add_argument("--input", type=readable_file, default=None, help="file of user turns for --jsonl (default: stdin)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -133,7 +136,22 @@ def _stats_line(info: dict) -> str:
 
 
 def main(argv=None) -> int:
-    return run_main(build_parser(), _main, argv)
+    parser = build_parser()
+    return run_main(parser, lambda args: _main(_checked(parser, args)), argv)
+
+
+def _checked(parser: argparse.ArgumentParser, args):
+    if args.input is not None and not args.jsonl:
+        parser.error("--input is read by --jsonl only")
+    if args.session is None:
+        args.session = DEMO_SESSION if args.demo else "chat"
+    return args
+
+
+def _text(line: str) -> str:
+    """A line read from a terminal or a file, as text the tokenizer takes: bytes that were not UTF-8 (Python keeps
+    them as lone surrogates) become U+FFFD."""
+    return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _main(args) -> int:
@@ -169,10 +187,14 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        line = _text(line)
         if not line:
             continue
-        if line == "/quit":
+        if line in ("/quit", "/exit"):
             return 0
+        if line == "/help":
+            print(f"Commands: {COMMANDS}")
+            continue
         if line == "/reset":
             store.drop(args.session)
             history = []
@@ -183,23 +205,35 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
             continue
         if line == "/sessions":
             for s in store.sessions():
-                print(f"  {s['session_id']:<20} {s['tokens']:>6} tokens  {s['bytes'] / 1e6:7.1f} MB  {s['tier']}")
+                sid = s["session_id"]
+                sid = sid if sid.isprintable() else repr(sid)  # (a newline would break the table)
+                print(f"  {sid:<20} {s['tokens']:>6} tokens  {s['bytes'] / 1e6:7.1f} MB  {s['tier']}")
+            continue
+        if line.startswith("/") and " " not in line:
+            print(f"(unknown command {line}: not sent to the model. Commands: {COMMANDS})")
             continue
         print("assistant> ", end="", flush=True)
-        _, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens, echo=True)
+        try:
+            _, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens, echo=True)
+        except KeyboardInterrupt:  # stop this reply, not the chat; go on from what the store holds
+            print("\n(interrupted)")
+            history = store.history(args.session) or []
+            continue
         print(_stats_line(info))
 
 
 def run_jsonl(model, tok, store, args, history: list[int]) -> int:
-    src = open(args.input) if args.input else sys.stdin
+    src = open(args.input, encoding="utf-8", errors="surrogateescape") if args.input else sys.stdin
     resumed = len(history)
     with src:
-        for i, line in enumerate(src):
-            line = line.rstrip("\n")
+        i = 0
+        for line in src:
+            line = _text(line.rstrip("\n"))
             if not line.strip():
                 continue
             reply, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens)
-            print(json.dumps({"turn": i, "user": line, "reply": reply, "resumed_history_tokens": resumed,
+            i += 1
+            print(json.dumps({"turn": i - 1, "user": line, "reply": reply, "resumed_history_tokens": resumed,
                               "history_ids": history, **info}), flush=True)
     return 0
 

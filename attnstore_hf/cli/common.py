@@ -89,6 +89,35 @@ def codec_list(text: str) -> str:
     return text
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype of the command-line tools
+
+
+def session_id(text: str) -> str:
+    """A session id: any non-empty string (stored under a hash of it)."""
+    if not text:
+        raise argparse.ArgumentTypeError("a session id cannot be empty")
+    return text
+
+
+def readable_file(text: str) -> str:
+    """A file that exists and can be read, checked before anything loads."""
+    import os
+
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a readable file")
+    return text
+
+
+def writable_parent(text: str) -> str:
+    """An output file path whose directory exists and can be written: checked before a long run, not after."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {parent!r} is not a writable directory")
+    return text
+
+
 def run_main(parser: argparse.ArgumentParser, body, argv=None) -> int:
     """Parse ``argv`` and run ``body(args)``; what a user got wrong that only shows once it is used (a model
     directory that does not exist, a disk directory that cannot be created, a model family not supported) is
@@ -98,5 +127,11 @@ def run_main(parser: argparse.ArgumentParser, body, argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return body(args)
-    except (ConfigError, UnsupportedModelError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ConfigError, UnsupportedModelError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted\n")
+    except OSError as exc:  # a read-only or full cache directory while converting the model, ...
+        if exc.errno is None:
+            raise
         parser.exit(2, f"{parser.prog}: error: {exc}\n")

@@ -19,8 +19,9 @@ import warnings
 import torch
 
 from ..config import StoreConfig
+from ..errors import ConfigError
 from ..store import AttentionStore
-from .common import codec_list, positive_int, run_main
+from .common import codec_list, positive_int, run_main, writable_parent
 
 METHODS = {"CA": "ca", "TT": "tt", "NKVT": "nkvt"}
 
@@ -157,6 +158,18 @@ def _lines(rng: random.Random, labels: list[str]) -> tuple[str, dict[str, str]]:
 
 
 @torch.no_grad()
+def _per_line(tok) -> int:
+    return len(tok("line walnut: REGISTER_CONTENT is <1234>\n", add_special_tokens=False).input_ids)
+
+
+def retrieval_windows(tok) -> tuple[int, int]:
+    """The windows the retrieval task can be built for: 5 lines a turn at least (the question's line is drawn
+    from the second half of turn 2, past a margin), three turns' labels at most."""
+    per_line = _per_line(tok)
+    windows = [w for w in range(1, 1 << 16) if 5 <= int(0.4 * w) // per_line <= len(LABELS) // 3]
+    return windows[0], windows[-1]
+
+
 def retrieval(model, tok, window: int, samples: int, seed: int = 0, progress: bool = True,
               codecs: list[str] | None = None) -> dict:
     """LongEval "lines" with word labels. Three turns of lines (about 0.4 window each): the third overflows and
@@ -165,10 +178,10 @@ def retrieval(model, tok, window: int, samples: int, seed: int = 0, progress: bo
 
     from ..cli.common import timed_generate
 
-    per_line = len(tok("line walnut: REGISTER_CONTENT is <1234>\n", add_special_tokens=False).input_ids)
-    count = max(4, int(0.4 * window) // per_line)
-    if 3 * count > len(LABELS):
-        raise SystemExit(f"window {window} needs {3 * count} line labels; at most {len(LABELS)} available")
+    count = int(0.4 * window) // _per_line(tok)
+    lo, hi = retrieval_windows(tok)
+    if not lo <= window <= hi:
+        raise ConfigError(f"the retrieval task needs a window of {lo} to {hi} tokens with this tokenizer, got {window}")
     variants = [*METHODS, "full"] if codecs is None else list(codecs)
     correct = {m: 0 for m in variants}
     bar = tqdm(total=samples * len(variants), desc="retrieval", unit="sample", disable=not progress)
@@ -212,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversations", type=positive_int, default=None)
     p.add_argument("--samples", type=positive_int, default=None, help="retrieval samples")
     p.add_argument("--max-turns", type=positive_int, default=12)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", type=writable_parent, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codecs", type=codec_list, default=None, help="also evaluate record codecs, e.g. int8,fp8")
     p.add_argument("--skip-truncation", action="store_true", help="only the codec evaluation")
@@ -220,7 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_main(build_parser(), _main, argv)
+    parser = build_parser()
+
+    def checked(args):
+        if args.skip_truncation and not args.codecs:
+            parser.error("--skip-truncation leaves only the codec evaluation: give --codecs too")
+        return _main(args)
+
+    return run_main(parser, checked, argv)
 
 
 def _main(args) -> int:
@@ -233,6 +253,10 @@ def _main(args) -> int:
     samples = args.samples or (6 if args.quick else 30)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
+    lo, hi = retrieval_windows(tok)
+    if not lo <= window <= hi:  # said now, not after the perplexity stage
+        raise ConfigError(f"--window: the retrieval task needs {lo} to {hi} tokens with this model's tokenizer, "
+                          f"got {window}")
     convs = conversations_for_ppl(tok, n_conv, min_tokens=2 * window, max_turns=args.max_turns)
     result = {"model": args.model or "gemma3-270m", "window": window, "conversations": len(convs)}
     if not args.skip_truncation:

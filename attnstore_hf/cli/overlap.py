@@ -14,7 +14,7 @@ import torch
 from .. import cache as cache_mod
 from ..config import StoreConfig
 from ..store import AttentionStore
-from .common import positive_int, size
+from .common import DTYPES, positive_int, size, writable_parent
 
 #: random-weight shapes for GPU timing (weights do not change the time of a forward)
 SHAPES = {
@@ -250,6 +250,9 @@ def _decode_with_and_without_saving(model, tok, vocab, device, args, disk_dir) -
         del seed
         gen = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False,
                    attention_mask=torch.ones_like(ids))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * (args.repeats + 1), desc="decode, saving off / on", unit="block")
         for r in range(args.repeats + 1):
             for saving in (False, True):
                 caches = [store.cache_for(model, "decode", ids) for _ in range(turns)]  # all but the last token
@@ -266,6 +269,8 @@ def _decode_with_and_without_saving(model, tok, vocab, device, args, disk_dir) -
                 del caches
                 for t in range(turns):
                     store.drop(f"turn{r}-{t}")
+                bar.update()
+        bar.close()
     return {"history": hist, "tokens": args.decode_tokens, "turns": turns,
             "tok_s_saving_off": statistics.median(off), "tok_s_saving_on": statistics.median(on),
             "ratio": statistics.median(on) / statistics.median(off)}
@@ -277,7 +282,7 @@ def add_parser(sub) -> None:
     o.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     o.add_argument("--model", default=None, help=f"a model dir, or a random-weight shape: {', '.join(SHAPES)} "
                                                  "(default: the bundled Gemma 3 270M)")
-    o.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    o.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
     o.add_argument("--histories", type=positive_int, nargs="+", default=None,
                    help="default: 1024 2048 4096 (CPU), plus 8192 on CUDA")
     o.add_argument("--new", type=positive_int, default=100)
@@ -297,7 +302,7 @@ def add_parser(sub) -> None:
                    help="also time the layered turn with restore groups of the fixed schedule (1, 1, 2, then "
                         "--group-layers or cache.GROUP_LAYERS), not sized by the turn's pace (cache.GROUP_PACING), "
                         "interleaved with the default: columns layered_alt, layered_alt_vs_max")
-    o.add_argument("--json", default=None)
+    o.add_argument("--json", type=writable_parent, default=None)
 
 
 COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "tail", "tail_split",

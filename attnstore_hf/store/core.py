@@ -349,8 +349,8 @@ class AttentionStore:
             self._discard(staged)
 
     def _discard(self, cache: AttentionStoreCache) -> None:
-        cache.discard()  # (nothing, if the caller ran the cache stage() returned: it is theirs)
-        self._count("staged_dropped")
+        if cache.discard():  # (False: the caller ran the cache stage() returned; it is theirs)
+            self._count("staged_dropped")
 
     def _lookup(self, model, session_id: str, input_ids, ahead: int | None = None) -> AttentionStoreCache:
         user_ids = _as_ids(input_ids)
@@ -761,6 +761,13 @@ class AttentionStore:
                 log.debug("session %r: saved or dropped while its record was read; not promoted", rec.session_id)
                 return False
             if self._closing:  # (a restore finishing after close(): the evictions' writes have no writer left)
+                return False
+            with self._lock:
+                queued = self._writing.get(rec.key)
+            if queued is not None and queued is not rec:  # a newer record of the session is on its way to disk
+                # (a prefetch queued before a save, run after that save's record left DRAM, read the older file)
+                log.debug("session %r: a newer record is being written; the one read is not promoted",
+                          rec.session_id)
                 return False
             return self._put_dram(rec, protect=protect)
 

@@ -209,9 +209,13 @@ class RedisTier:
         replaced = self._swap_manifest(base, man)
         if self.ttl != pending:  # the record's own expiry (or none) from now on
             try:
-                self._call(lambda: self._keep_chunks(base, wid, n))
-            except RedisUnavailable as exc:  # committed; its chunks expire with the pending TTL (then a miss)
-                log.warning("Redis: a record was published but its chunks keep a %d s expiry (%s)", pending, exc)
+                self._call(lambda: self._keep_chunks(base, wid, n), now=True)
+            except RedisUnavailable as exc:  # committed; it expires with the pending TTL, manifest and all
+                log.warning("Redis: a record was published but keeps a %d s expiry (%s)", pending, exc)
+                try:
+                    self._call(lambda: self.client.expire(base + ":m", pending), now=True)
+                except RedisUnavailable:
+                    pass
         if replaced is not None and replaced["w"] != wid:
             try:
                 self._call(lambda: self._delete_chunks(base, replaced["w"], replaced["n"]), now=True)
