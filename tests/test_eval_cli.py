@@ -27,3 +27,21 @@ def test_eval_accuracy_small_run(tmp_path):
     assert all(1.0 < p < 1e6 for p in data["perplexity"].values())
     assert set(data["retrieval_accuracy"]) == {"CA", "TT", "NKVT", "full"}
     assert data["ppl_rel_delta_vs_TT"]["TT"] == 0.0
+
+
+@pytest.mark.parametrize("window", ["100", "2048"])
+def test_a_window_the_retrieval_task_cannot_use_is_said_before_the_perplexity_stage(window, capsys, monkeypatch):
+    """--window 100 failed with "empty range for randrange()" and --window 2048 with a SystemExit, each only after
+    the whole perplexity stage (a minute or more)."""
+    from attnstore_hf.cli import eval_accuracy
+
+    def never(*a, **k):
+        raise AssertionError("the perplexity stage ran")
+
+    monkeypatch.setattr(eval_accuracy, "perplexity", never)
+    monkeypatch.setattr(eval_accuracy, "conversations_for_ppl", never)
+    with pytest.raises(SystemExit) as exc:
+        eval_accuracy.main(["--window", window])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--window: the retrieval task needs 175 to 1714 tokens" in err and "Traceback" not in err
