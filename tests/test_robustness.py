@@ -158,16 +158,20 @@ def test_decoder_rejects_every_kind_of_garbage():
         SessionRecord.from_bytes(good, expect_namespace="other")
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    mnt = tmp_path / "full"
+def _tmpfs(mnt, size: str):
+    """A tmpfs of ``size`` mounted on ``mnt`` for the test (root only: skipped elsewhere), unmounted after."""
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", f"tmpfs-{uuid.uuid4().hex[:6]}", str(mnt)],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"tmpfs-{uuid.uuid4().hex[:6]}", str(mnt)],
                        capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    yield from _tmpfs(tmp_path / "full", "16k")
 
 
 def test_full_disk_keeps_serving_from_dram(tiny_fs, caplog):
@@ -228,14 +232,7 @@ def test_files_that_cannot_be_read_are_misses(store_factory, tmp_path, caplog):
 
 @pytest.fixture
 def small_fs(tmp_path):
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", f"tmpfs-{uuid.uuid4().hex[:6]}", str(mnt)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    yield from _tmpfs(tmp_path / "fs", "4m")
 
 
 def test_a_read_only_disk_serves_what_it_holds_and_dropped_sessions_stay_dropped(small_fs, caplog):
