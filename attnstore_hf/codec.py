@@ -37,7 +37,9 @@ def encode(keys: torch.Tensor, values: torch.Tensor, codec: str) -> dict[str, to
     else:
         k = (kf / ks).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
         v = (vf / vs).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
-    return {"k": k, "v": v, "ks": ks, "vs": vs.to(torch.float16)}
+    # the scales stay float32: in float16 a token whose values are all below ~0.008 (int8; ~0.03 fp8) lost
+    # precision in its scale (fp8 scales under 6e-8 became 0), records before 2026-11-27 (sixth session) have them
+    return {"k": k, "v": v, "ks": ks, "vs": vs}
 
 
 def decode(parts: dict[str, torch.Tensor], codec: str, dtype: torch.dtype, token_index=None,
