@@ -152,6 +152,25 @@ class SessionRecord:
     def nbytes(self) -> int:
         return sum(lay.nbytes for lay in self.layers) + 8 * len(self.token_ids)
 
+    def check_layout(self) -> None:
+        """:class:`RecordError` unless the tensors fit the record: the codec's dtypes, ``[1, H, n, D]`` keys and
+        values of equal shape, each layer's positions ``start .. start+n-1`` the record's last tokens (what a record
+        read back is checked against: a store must not hold, in DRAM, what it would reject from disk)."""
+        if self.codec not in _CODEC_DTYPES:
+            raise RecordError(f"unknown codec {self.codec!r}")
+        if self.dtype not in _DTYPES:
+            raise RecordError(f"unknown dtype {self.dtype!r}")
+        want = _CODEC_DTYPES[self.codec] or _DTYPES[self.dtype]
+        for i, lay in enumerate(self.layers):
+            k, v = lay.keys, lay.values
+            if k.dtype != want or v.dtype != want or k.dim() != 4 or tuple(k.shape) != tuple(v.shape):
+                raise RecordError(f"layer {i} does not match the record's codec and dtype, or its keys and values "
+                                  "differ in shape")
+            n = lay.length
+            if lay.start < 0 or (n and lay.start + n != self.num_tokens) or n > self.num_tokens:
+                raise RecordError(f"layer {i}: positions {lay.start}..{lay.start + n - 1} are not the last of the "
+                                  f"record's {self.num_tokens} tokens")
+
     # ---- encoding ---------------------------------------------------------------------------------------
     def header(self) -> dict:
         return {
@@ -235,11 +254,10 @@ class SessionRecord:
                     raise RecordError(f"layer {i}: missing or misshapen quantization scales")
             layers.append(LayerKV(spec["kind"], int(spec["start"]), k, v, ks, vs))
         token_ids = [int(t) for t in head["token_ids"]]
-        for lay in layers:
-            if lay.start + lay.length != len(token_ids) and lay.length:
-                raise RecordError("layer lengths do not match the token ids")
-        return cls(head["namespace"], head["session_id"], head["fingerprint"], head["dtype"], token_ids,
-                   layers, head.get("meta") or {}, codec)
+        rec = cls(head["namespace"], head["session_id"], head["fingerprint"], head["dtype"], token_ids,
+                  layers, head.get("meta") or {}, codec)
+        rec.check_layout()
+        return rec
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

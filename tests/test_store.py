@@ -466,3 +466,26 @@ def test_a_prefetch_does_not_promote_a_record_older_than_one_being_written(tmp_p
     again = AttentionStore(StoreConfig(disk_dir=tmp_path / "kv", fsync=False))
     assert again.get_record("S")[0].meta["salt"] == 2
     again.close()
+
+
+def test_put_record_checks_the_layout_and_counts_the_ttl_from_now(tmp_path):
+    """put_record accepted a record whose token ids and K/V rows disagree (served from DRAM, then quarantined once
+    read back from disk), and kept an older saved_at, so a record put back could expire at once."""
+    from attnstore_hf.record import LayerKV, RecordError
+
+    store = make(tmp_path, "lru")
+    bad = rec("a")
+    bad.token_ids = bad.token_ids[:-3]  # 17 ids, 20 rows of K/V
+    with pytest.raises(ValueError, match="not the last of the record's 17 tokens"):
+        store.put_record(bad)
+    lay = rec("b").layers[0]
+    neg = rec("b", tokens=3)
+    neg.layers = [LayerKV(lay.kind, -2, lay.keys[:, :, :5], lay.values[:, :, :5])]  # -2 + 5 == 3
+    with pytest.raises(RecordError):
+        neg.check_layout()
+    assert store.get_record("a")[0] is None and store.get_record("b")[0] is None
+    old = rec("c")
+    old.meta["saved_at"] = time.time() - 3600
+    store.put_record(old)
+    assert time.time() - store.get_record("c")[0].meta["saved_at"] < 60
+    store.close()

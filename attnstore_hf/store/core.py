@@ -723,7 +723,11 @@ class AttentionStore:
         self._check_open()
         if rec.namespace != self.namespace:
             raise ValueError(f"record of namespace {rec.namespace!r} put into a store of namespace {self.namespace!r}")
-        rec.meta.setdefault("saved_at", time.time())
+        try:
+            rec.check_layout()  # (a lazily opened record's placeholders have the real shapes and dtypes)
+        except RecordError as exc:
+            raise ValueError(f"record of session {rec.session_id!r} is not well formed: {exc}") from None
+        rec.meta["saved_at"] = time.time()  # ttl_seconds counts from the last save: this one
         with self._lock:
             self._sizes[0] += rec.nbytes
             self._sizes[1] += 1
