@@ -364,6 +364,7 @@ class AttentionStoreCache(Cache):
         self.recomputed_tokens = 0                # restored tokens recomputed after a failed layer-wise load
         self.host_ms: dict[str, float] = {}       # host time of cache_for's phases, ms (where a lookup's time goes)
         self.forwards = 0                          # decoder forwards run on this cache
+        self._tally: dict[str, float] = {}         # the store's counters for this turn, added once it is served
         self._claim = threading.Lock()             # the first forward vs discard(): a cache in use is never emptied
         self._claimed = False
         self._fed: list[torch.Tensor] | None = []  # ids of each forward (batch 1), to check what save() is given

@@ -68,6 +68,36 @@ class ModelPatch:
     #: prefix of the table for [0, m), so one table serves every turn ("dynamic" and "longrope" are recomputed)
     STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 
+    def rope_regime(self, model: nn.Module, length: int) -> str | None:
+        """Which rotary frequencies a forward over ``length`` tokens uses, for rope types whose frequencies depend on
+        the length (``longrope``: short or long factors past ``original_max_position_embeddings``; ``dynamic``:
+        rescaled for every length past ``max_position_embeddings``); ``None`` for the static types. K/V computed
+        under one regime are not what a forward under another computes — re-rotating the stored keys fixes the
+        first layer only, the deeper ones carry the old frequencies in their hidden states — so a record is reused
+        only under its own regime."""
+        rotary = self.adapter.decoder(model).rotary_emb
+        types = getattr(rotary, "rope_type", None)
+        types = set(types.values()) if isinstance(types, dict) else {types}
+        if types <= self.STATIC_ROPE:
+            return None
+        config = getattr(model.config, "get_text_config", lambda: model.config)()
+        params = getattr(config, "rope_parameters", None) or {}
+        nested = [p for p in params.values() if isinstance(p, dict)]
+        out = []
+        for t in sorted(map(str, types)):
+            if t == "longrope":
+                limit = next((p.get("original_max_position_embeddings") for p in [params, *nested]
+                              if p.get("original_max_position_embeddings")), None)
+                limit = limit or getattr(config, "original_max_position_embeddings", None) \
+                    or config.max_position_embeddings
+                out.append(f"longrope:{'long' if length > limit else 'short'}")
+            elif t == "dynamic":
+                limit = getattr(rotary, "original_max_seq_len", None) or config.max_position_embeddings
+                out.append(f"dynamic:{'short' if length <= limit else length}")
+            else:  # a type not known here: its frequencies may depend on the length in any way
+                out.append(f"{t}:{length}")
+        return ",".join(out)
+
     def rope_tables(self, model: nn.Module, layer_idx: int, span: int, dtype: torch.dtype, device):
         """cos/sin ``[1, >= span, D]`` for positions ``0 .. span-1`` as the model computes them for this layer.
 

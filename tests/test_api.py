@@ -409,6 +409,8 @@ def test_token_ids_are_checked(store_factory):
     for bad in (-1, VOCAB):
         with pytest.raises(ValueError, match=rf"\[0, {VOCAB}\)"):
             store.cache_for(model, "s", torch.tensor([[9, 10, bad]]))
+    s = store.stats()  # refused before anything was read or counted (lookups once outnumbered hits + misses)
+    assert (s["lookups"], s["hits"], s["misses"], s["loads"]) == (0, 0, 0, 0)
 
 
 def test_plain_forwards_of_a_patched_model_keep_no_keys():

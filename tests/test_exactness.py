@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import greedy, random_ids, tiny_model
+from conftest import compare, greedy, random_ids, saved_turn, tiny_model
 
 TOL = 1e-4
 
@@ -178,7 +178,8 @@ def test_bf16_restored_close_to_recompute(store_factory):
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
-    # dynamic NTK rescales its frequencies once the context passes 32 tokens: the histories here do
+    # dynamic NTK rescales past max_position_embeddings (1024 here), which these histories stay under; crossing
+    # length-dependent frequencies: test_rope_whose_frequencies_depend_on_the_length_is_exact
     "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 32},
     "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
@@ -280,3 +281,35 @@ def test_dynamic_rope_tables_are_not_kept():
     patch = AttentionStoreCache(model)._patch
     cos, _ = patch.rope_tables(model, 0, 33, torch.float32, torch.device("cpu"))
     assert cos.shape[1] == 33 and not patch._rope
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0] * 8, "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]}
+
+
+def test_rope_whose_frequencies_depend_on_the_length_is_exact(store_factory):
+    """longrope switches factors past original_max_position_embeddings (dynamic NTK rescales past
+    max_position_embeddings): K/V computed with one set are not what a forward with the other computes, beyond the
+    first layer. A record was reused across the switch (2.9e-4 off), and `both` recomputed the first tokens in a
+    forward of their own, short enough for the other factors (1.4e-3 off). Records now note the frequencies they
+    were computed with (meta rope_regime) and are reused only under the same; `both` is not used."""
+    model = tiny_model("llama", rope_parameters=LONGROPE)
+    store = store_factory(restore_mode="both")
+    out, rec = saved_turn(model, store, random_ids(40, 1))
+    assert rec.meta["rope_regime"] == "longrope:short"
+    ids = torch.cat([out.sequences, random_ids(40, 2)], dim=1)  # 85 tokens: past the switch
+    cache = store.cache_for(model, "s", ids)
+    assert cache.reused_tokens == 0  # computed with the short factors: recomputed
+    out = compare(model, cache, ids)
+    rec = store.save("s", cache, out.sequences).result()
+    assert rec.meta["rope_regime"] == "longrope:long"
+    ids = torch.cat([out.sequences, random_ids(20, 3)], dim=1)
+    cache = store.cache_for(model, "s", ids)  # long and long: reused, loaded (not both)
+    assert cache.reused_tokens == rec.num_tokens and cache.restore_plan["choice"] == "load"
+    compare(model, cache, ids)
+    # a turn that crosses the switch while generating holds K/V of both: never reused
+    mixed = store_factory(disk_dir=None)
+    cache = mixed.cache_for(model, "m", random_ids(62, 4))
+    out = compare(model, cache, cache.input_ids)
+    assert mixed.save("m", cache, out.sequences).result().meta["rope_regime"] == "mixed"
+    assert mixed.cache_for(model, "m", torch.cat([out.sequences, random_ids(3, 5)], dim=1)).reused_tokens == 0

@@ -293,3 +293,20 @@ def test_a_refused_first_forward_does_not_claim_a_staged_cache(store_factory, tm
     small.drop("s")
     kept = staged.input_ids
     compare(model, staged, kept)
+
+
+def test_a_staged_turn_counts_in_stats_when_served_not_when_staged(store_factory):
+    """A staged turn dropped unused (the message changed) counted a lookup, a hit and its tokens all the same:
+    two turns served showed 3 lookups, 2 hits and a hit rate of 0.67."""
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="load")
+    ids, rec = next_turn(model, store, 30)  # turn 1: a miss
+    store.stage(model, "s", ids)
+    edited = torch.cat([ids[:, :-2], random_ids(4, 31)], dim=1)
+    cache = store.cache_for(model, "s", edited)  # turn 2: restored afresh, a hit
+    s = store.stats()
+    assert (s["lookups"], s["hits"], s["misses"], s["staged"], s["staged_dropped"]) == (2, 1, 1, 1, 1)
+    assert s["reused_tokens"] == cache.reused_tokens == rec.num_tokens and s["hit_rate"] == 0.5
+    staged = store.stage(model, "s", edited)  # handed over: counted then
+    assert store.stats()["lookups"] == 2 and store.cache_for(model, "s", edited) is staged
+    assert store.stats()["lookups"] == 3

@@ -247,7 +247,7 @@ class CostModel:
 
     def choose(self, tier: str, nbytes: int, tokens: int, mode: str, accelerator: bool,
                can_split: bool = True, new_tokens: int = 0, layerwise: bool = True,
-               can_tail: bool | None = None, can_recompute: bool = True) -> dict:
+               can_tail: bool | None = None, can_recompute: bool = True, can_both: bool = True) -> dict:
         """How to restore ``tokens`` stored tokens (``nbytes`` bytes) from ``tier`` for a turn that then
         prefills ``new_tokens``: ``{"choice": "load"|"recompute"|"both"|"tail", "split", "predicted_load_s",
         "predicted_recompute_s", "predicted_turn_s": {choice: seconds}, ...}``. ``split`` = tokens recomputed
@@ -256,7 +256,9 @@ class CostModel:
         restored in two parts (no truncation); ``can_tail`` (default: ``can_split``): a shorter prefix may be
         restored (not with sliding-window layers, whose record holds only the window before its last token);
         ``can_recompute``: ``auto`` may pick recomputing (not for K/V that hold context a truncation dropped: the
-        answer would change with the timings; ``mode="recompute"`` still recomputes)."""
+        answer would change with the timings; ``mode="recompute"`` still recomputes); ``can_both``: the first
+        tokens may be recomputed in a forward of their own (not where the rotary frequencies depend on the
+        length)."""
         self._resolve()
         can_tail = can_split if can_tail is None else can_split and can_tail
         load_s = self.load_seconds(tier, nbytes)
@@ -279,7 +281,7 @@ class CostModel:
             if can_split and tier in PARTIAL_TIERS and tokens >= 2 * MIN_SPLIT:
                 a, b = line  # a + b r = (1 - r / T) load_s: both halves finish together
                 r = round((load_s - a) / (b + load_s / tokens))
-                if MIN_SPLIT <= r <= tokens - MIN_SPLIT:
+                if can_both and MIN_SPLIT <= r <= tokens - MIN_SPLIT:
                     both_r = r
                     turn["both"] = host + max(prefill(r), (tokens - r) / tokens * load_s) + t_new
                 if layerwise and can_tail and load_s > t_new:
@@ -290,7 +292,7 @@ class CostModel:
         if mode == "recompute":
             plan["choice"] = "recompute"
         elif mode == "both":
-            if can_split and tokens >= 2 * MIN_SPLIT:
+            if can_split and can_both and tokens >= 2 * MIN_SPLIT:
                 plan["choice"], plan["split"] = "both", both_r if both_r is not None else tokens // 2
         elif mode == "tail":
             if can_tail and tokens >= 2 * MIN_SPLIT:

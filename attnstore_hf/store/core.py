@@ -308,10 +308,19 @@ class AttentionStore:
                 if staged._loader is not None:
                     staged._loader.release()
                 self._count("staged_used")
-                return staged
+                return self._served(staged)
             else:
                 self._discard(staged)  # the turn changed since it was staged (another message, another model)
-        return self._lookup(model, session_id, input_ids)
+        return self._served(self._lookup(model, session_id, input_ids))
+
+    def _served(self, cache: AttentionStoreCache) -> AttentionStoreCache:
+        """Count in stats() what the lookup of a turn now served found (a staged turn: when it is handed over, not
+        when it was staged, so that a staged turn dropped unused counts nothing)."""
+        tally, cache._tally = cache._tally, {}
+        with self._lock:
+            for name, by in tally.items():
+                self._stats[name] += by
+        return cache
 
     def stage(self, model, session_id: str, input_ids) -> AttentionStoreCache:
         """Start restoring a turn before it is served: the serving loop knows what comes next (CachedAttention's
@@ -326,8 +335,8 @@ class AttentionStore:
         session_id = _check_session_id(session_id)
         key = self._key(session_id)
         self._drop_staged(key)
-        if self.config.stage_sessions == 0:
-            return self._lookup(model, session_id, input_ids)
+        if self.config.stage_sessions == 0:  # staging off: an ordinary lookup, the caller's
+            return self._served(self._lookup(model, session_id, input_ids))
         cache = self._lookup(model, session_id, input_ids, ahead=self.config.stage_layers)
         with self._lock:
             self._staged[key] = cache
@@ -358,8 +367,13 @@ class AttentionStore:
         cache = AttentionStoreCache(model, session_id=session_id)
         fingerprint = cache.fingerprint = cache._patch.fingerprint(model)
         cache._weights = cache._patch._weights_seen
+        row = user_ids[0].cpu()  # ids the model cannot take: refused before anything is read or counted
+        lo, hi = torch.aminmax(row)
+        vocab = cache._patch.vocab_size
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}) for this model, got ids from {int(lo)} to {int(hi)}")
         self._fingerprints.add(fingerprint)
-        self._count("lookups")
+        tally = cache._tally = {"lookups": 1}  # what this turn counts in stats(): once it is served (see _served)
         cache._patch.on_prefill = self.cost.observe_prefill
         self._wait_save(self._key(session_id))
         t_read = time.perf_counter()
@@ -398,11 +412,6 @@ class AttentionStore:
                 self._count("rejected_records")
                 self._release_lazy(rec)
                 rec = None
-        row = user_ids[0].cpu()
-        lo, hi = torch.aminmax(row)
-        vocab = cache._patch.vocab_size
-        if lo < 0 or (vocab is not None and hi >= vocab):
-            raise ValueError(f"token ids must be in [0, {vocab}) for this model, got ids from {int(lo)} to {int(hi)}")
         ids = user_list = row.tolist()
         # a record of a truncated conversation keeps the user's coordinates: map them to the kept tokens
         origin = rec.meta.get("origin_ids") if rec is not None else None
@@ -411,6 +420,13 @@ class AttentionStore:
             cache.origin_ids = list(origin)
         else:
             cache.origin_ids = []
+        if rec is not None:
+            regime = cache._patch.rope_regime(model, len(ids))
+            if regime is not None and rec.meta.get("rope_regime") != regime:
+                log.info("session %r: the stored K/V were computed with other rotary frequencies (%s, this turn %s); "
+                         "recomputing", session_id, rec.meta.get("rope_regime"), regime)
+                self._release_lazy(rec)
+                rec = None
         reuse = reusable_length(rec, cache, ids) if rec is not None else 0
         keep = torch.arange(reuse)
         dropped = 0
@@ -440,20 +456,17 @@ class AttentionStore:
             cache.prefix_ids = ids[:reuse]
             cache._base_ids = list(cache.prefix_ids)
             cache.source = tier
-            self._count("hits")
-            self._count(f"hits_{tier}")
+            tally.update({"hits": 1, f"hits_{tier}": 1})
             if reuse < rec.num_tokens:
-                self._count("partial_hits")
+                tally["partial_hits"] = 1
         else:
-            self._count("misses")
+            tally["misses"] = 1
         t_end = time.perf_counter()
         cache.load_seconds = t_end - t0
         cache.host_ms.update(prepare=(t_read - t0) * 1e3, find=(t_found - t_read) * 1e3,
                              match=(t_match - t_found) * 1e3, restore=(t_restore - t_match) * 1e3,
                              finish=(t_end - t_restore) * 1e3)
-        self._count("reused_tokens", reuse)
-        self._count("prefilled_tokens", len(ids) - reuse)
-        self._count("restore_seconds", cache.load_seconds)
+        tally.update(reused_tokens=reuse, prefilled_tokens=len(ids) - reuse, restore_seconds=cache.load_seconds)
         log.debug("session %r: %d tokens%s, %d restored from %s, %d to prefill (%.1f ms)", session_id, len(ids),
                   f" ({dropped} dropped by truncation)" if dropped else "", reuse, tier or "-", len(ids) - reuse,
                   cache.load_seconds * 1e3)
@@ -476,11 +489,15 @@ class AttentionStore:
         cache._patch.read_timings()
         # a shorter prefix: not with sliding-window layers (their record holds the window before the last token)
         tail_ok = not any(isinstance(layer, SlidingLayer) for layer in cache.layers)
+        # `both` recomputes the first tokens in a forward of their own, shorter than the turn: not where the rotary
+        # frequencies depend on the length (longrope, dynamic)
+        both_ok = cache._patch.rope_regime(model, 1) is None
         plan = self.cost.choose(tier, nbytes, n, self.config.restore_mode, accelerator=device.type != "cpu",
                                 can_split=plain and not carried, new_tokens=max(total_len - n, 0),
-                                layerwise=self.config.layerwise, can_tail=tail_ok, can_recompute=not carried)
+                                layerwise=self.config.layerwise, can_tail=tail_ok, can_recompute=not carried,
+                                can_both=both_ok)
         cache.restore_plan = plan
-        self._count(f"restore_{plan['choice']}")
+        cache._tally[f"restore_{plan['choice']}"] = 1
         t0 = time.perf_counter()
         lazy = getattr(rec, "_lazy", None)
         if plan["choice"] == "recompute":
@@ -623,6 +640,10 @@ class AttentionStore:
         # tokens past the cache (normally the last generated one) have no KV yet; kept so history() is complete.
         # turn: one more than the record cache_for found (replicas sharing Redis tell the newer record by it)
         meta = {"tail_ids": seq[n:], "turn": cache.record_turn + 1}
+        start = len(cache.turn_ids) if cache.turn_ids is not None else n
+        regime = cache._patch.rope_regime(cache._model, start)
+        if regime is not None:  # the frequencies its K/V were computed with; "mixed" if the turn crossed a threshold
+            meta["rope_regime"] = regime if regime == cache._patch.rope_regime(cache._model, n) else "mixed"
         if cache.carried:  # its K/V hold context a truncation dropped: never recomputed in part (see _restore)
             meta["carried"] = True
         if cache.user_ids is not None and cache.input_ids is not None:
