@@ -83,7 +83,8 @@ def test_scheduler_evicts_idle_lru_first_then_furthest_in_queue(tmp_path):
     store.plan(["c", "a", "g", "j"])
     store.put_record(rec("k"))  # everything in DRAM queued: k, not queued at all, is the furthest: to disk
     store.flush()
-    assert set(store.dram.keys()) == dram_keys(store, "c", "a", "g", "j") and store.disk.contains(*dram_keys(store, "k"))
+    assert set(store.dram.keys()) == dram_keys(store, "c", "a", "g", "j")
+    assert store.disk.contains(*dram_keys(store, "k"))
     store.plan(["c", "a", "k", "g", "j"], wait=True)  # k third: of the queued, j is the furthest from the head
     assert set(store.dram.keys()) == dram_keys(store, "c", "a", "g", "k")
     store.close()

@@ -397,7 +397,8 @@ class AttentionStore:
                 self._promote(rec, since)
         # a save is one turn more than the latest this replica knows of (a shared one it could not use included):
         # replicas tell the newer record by it
-        cache.record_turn = max(int(rec.meta.get("turn", 0)) if rec is not None else 0, int((head or {}).get("turn") or 0))
+        local_turn = int(rec.meta.get("turn", 0)) if rec is not None else 0
+        cache.record_turn = max(local_turn, int((head or {}).get("turn") or 0))
         if rec is not None:
             dtype = dtype_name(next(model.parameters()).dtype)
             if rec.fingerprint != fingerprint or rec.dtype != dtype:
