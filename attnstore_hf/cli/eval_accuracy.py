@@ -157,7 +157,6 @@ def _lines(rng: random.Random, labels: list[str]) -> tuple[str, dict[str, str]]:
     return "".join(f"line {k}: REGISTER_CONTENT is <{v}>\n" for k, v in vals.items()), vals
 
 
-@torch.no_grad()
 def _per_line(tok) -> int:
     return len(tok("line walnut: REGISTER_CONTENT is <1234>\n", add_special_tokens=False).input_ids)
 
@@ -170,6 +169,15 @@ def retrieval_windows(tok) -> tuple[int, int]:
     return windows[0], windows[-1]
 
 
+def check_window(tok, window: int) -> None:
+    """:class:`ConfigError` unless the retrieval task can be built for ``window`` tokens with ``tok``."""
+    lo, hi = retrieval_windows(tok)
+    if not lo <= window <= hi:
+        raise ConfigError(f"--window: the retrieval task needs {lo} to {hi} tokens with this model's tokenizer, "
+                          f"got {window}")
+
+
+@torch.no_grad()
 def retrieval(model, tok, window: int, samples: int, seed: int = 0, progress: bool = True,
               codecs: list[str] | None = None) -> dict:
     """LongEval "lines" with word labels. Three turns of lines (about 0.4 window each): the third overflows and
@@ -178,10 +186,8 @@ def retrieval(model, tok, window: int, samples: int, seed: int = 0, progress: bo
 
     from ..cli.common import timed_generate
 
+    check_window(tok, window)
     count = int(0.4 * window) // _per_line(tok)
-    lo, hi = retrieval_windows(tok)
-    if not lo <= window <= hi:
-        raise ConfigError(f"the retrieval task needs a window of {lo} to {hi} tokens with this tokenizer, got {window}")
     variants = [*METHODS, "full"] if codecs is None else list(codecs)
     correct = {m: 0 for m in variants}
     bar = tqdm(total=samples * len(variants), desc="retrieval", unit="sample", disable=not progress)
@@ -253,10 +259,7 @@ def _main(args) -> int:
     samples = args.samples or (6 if args.quick else 30)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
-    lo, hi = retrieval_windows(tok)
-    if not lo <= window <= hi:  # said now, not after the perplexity stage
-        raise ConfigError(f"--window: the retrieval task needs {lo} to {hi} tokens with this model's tokenizer, "
-                          f"got {window}")
+    check_window(tok, window)  # said now, not after the perplexity stage
     convs = conversations_for_ppl(tok, n_conv, min_tokens=2 * window, max_turns=args.max_turns)
     result = {"model": args.model or "gemma3-270m", "window": window, "conversations": len(convs)}
     if not args.skip_truncation:
