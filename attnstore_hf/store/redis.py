@@ -79,9 +79,9 @@ class RedisTier:
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._kw = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False)
-        self._cluster = url.startswith("redis+cluster://") or url.startswith("rediss+cluster://")
         self._client = None
-        if not self._cluster:  # connects on first use; a Cluster client connects when made: made in _call
+        if not url.startswith(("redis+cluster://", "rediss+cluster://")):
+            # connects on first use; a Cluster client connects when made: made on first use (inside _call)
             self._client = redis.Redis.from_url(url, health_check_interval=30, **self._kw)
         self.errors = 0
 
@@ -145,12 +145,12 @@ class RedisTier:
             return None
         wid, n, size = man["w"], man["n"], man["size"]
         chunks, got = [], 0
-        for lo in range(0, n, BATCH):  # what the manifest claims costs nothing until the chunks are there
+        for names in _chunk_batches(base, wid, n):  # what the manifest claims costs nothing until they are there
 
-            def fetch(lo=lo):
+            def fetch(names=names):
                 pipe = self.client.pipeline(transaction=False)
-                for i in range(lo, min(n, lo + BATCH)):
-                    pipe.get(f"{base}:{wid}:{i}")
+                for name in names:
+                    pipe.get(name)
                 return pipe.execute()
 
             part = self._call(fetch)
@@ -239,20 +239,20 @@ class RedisTier:
 
     def _keep_chunks(self, base: str, wid: str, n: int) -> None:
         """Give a committed write's chunks the record's expiry (none: ``PERSIST``) in place of the pending one."""
-        for lo in range(0, n, BATCH):
+        for names in _chunk_batches(base, wid, n):
             pipe = self.client.pipeline(transaction=False)
-            for i in range(lo, min(n, lo + BATCH)):
+            for name in names:
                 if self.ttl is None:
-                    pipe.persist(f"{base}:{wid}:{i}")
+                    pipe.persist(name)
                 else:
-                    pipe.expire(f"{base}:{wid}:{i}", self.ttl)
+                    pipe.expire(name, self.ttl)
             pipe.execute()
 
     def _delete_chunks(self, base: str, wid: str, n: int) -> None:
         """Delete the chunks of write ``wid``, a batch per round trip, stopping at a batch none of which was
         there (chunks are numbered from 0: a manifest claiming millions costs one round trip)."""
-        for lo in range(0, n, BATCH):
-            if not self.client.delete(*[f"{base}:{wid}:{i}" for i in range(lo, min(n, lo + BATCH))]):
+        for names in _chunk_batches(base, wid, n):
+            if not self.client.delete(*names):
                 return
 
     def remove(self, key: str, fingerprint: str) -> None:
@@ -260,6 +260,12 @@ class RedisTier:
         old = self._swap_manifest(base, None)
         if old is not None:
             self._call(lambda: self._delete_chunks(base, old["w"], old["n"]))
+
+
+def _chunk_batches(base: str, wid: str, n: int):
+    """The key names of write ``wid``'s ``n`` chunks, ``BATCH`` at a time (one round trip each)."""
+    for lo in range(0, n, BATCH):
+        yield [f"{base}:{wid}:{i}" for i in range(lo, min(n, lo + BATCH))]
 
 
 def _wrong_type(exc) -> bool:
