@@ -86,11 +86,8 @@ class DramTier:
             self.remove(record.key, _forget=False)
             if self.capacity is not None and size > self.capacity:
                 return [record]
-            if (yield_to_protected and record.key not in protect and self.capacity is not None
-                    and self.used + size > self.capacity):
-                unprotected = sum(r.nbytes for k, r in self._records.items() if k not in protect)
-                if self.used - unprotected + size > self.capacity:
-                    return [record]
+            if yield_to_protected and record.key not in protect and not self.fits(size, protect):
+                return [record]
             evicted = []
             if self.capacity is not None and self.used + size > self.capacity:
                 order = self.policy.eviction_order(self._records.keys(), self.name)
