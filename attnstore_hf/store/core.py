@@ -846,18 +846,19 @@ class AttentionStore:
         one was asked for: that one writes; or if the session was saved or dropped since ``rec`` went into DRAM:
         a demotion queued just after a drop() brought the session back)."""
         with _stripe(self._write_locks, rec.key):
-            with self._lock:
-                superseded = gen is not None and (gen < self._disk_gen.get(rec.key, 0) or getattr(
-                    rec, "_version", None) not in (None, self._versions.get(rec.key, 0)))
-            if superseded:
+            try:
+                with self._lock:
+                    superseded = gen is not None and (gen < self._disk_gen.get(rec.key, 0) or getattr(
+                        rec, "_version", None) not in (None, self._versions.get(rec.key, 0)))
+                if not superseded:
+                    self._write_disk_now(rec)
+            finally:  # written, failed or skipped: lookups no longer find it among the writes under way
                 with self._lock:
                     if self._writing.get(rec.key) is rec:
                         del self._writing[rec.key]
-                return
-            self._write_disk_now(rec)
 
     def _write_disk_now(self, asked: SessionRecord) -> None:
-        rec = self._far_copy(asked)  # (another object when disk_codec differs: `asked` is what _writing holds)
+        rec = self._far_copy(asked)  # (another object when disk_codec differs)
         try:
             before = self.disk.evictions
             # write-back: a session also in DRAM has its newest record there and is written again when demoted,
@@ -871,10 +872,6 @@ class AttentionStore:
             log.warning("session %r: could not write record to %s (%s); %s", rec.session_id, self.disk.dir, exc,
                         kept)
             return
-        finally:
-            with self._lock:
-                if self._writing.get(rec.key) is asked:
-                    del self._writing[rec.key]
         self._count("disk_writes")
         self._count("bytes_written_disk", n)
 
