@@ -473,13 +473,11 @@ class AttentionStoreCache(Cache):
     def _recover(self, exc: Exception, loader) -> None:
         """``loader`` could not restore a layer after the forward started: recompute the restored prefix of every
         layer still pending in a nested forward (exact), so the turn goes on with the right answer."""
-        import logging
-
         self._loader = None
         loader.cancel()
         for layer in self.layers:
             layer._waiter = None
-        logging.getLogger(__name__).warning(
+        log.warning(
             "session %r: restoring the stored KV failed mid-forward (%s); recomputing the %d restored tokens",
             self.session_id, exc, self.reused_tokens)
         if loader.stream is not None:

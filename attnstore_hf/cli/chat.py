@@ -226,14 +226,10 @@ def run_jsonl(model, tok, store, args, history: list[int]) -> int:
     src = open(args.input, encoding="utf-8", errors="surrogateescape") if args.input else sys.stdin
     resumed = len(history)
     with src:
-        i = 0
-        for line in src:
-            line = _text(line.rstrip("\n"))
-            if not line.strip():
-                continue
+        lines = (t for t in (_text(raw.rstrip("\n")) for raw in src) if t.strip())  # blank lines are no turn
+        for i, line in enumerate(lines):
             reply, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens)
-            i += 1
-            print(json.dumps({"turn": i - 1, "user": line, "reply": reply, "resumed_history_tokens": resumed,
+            print(json.dumps({"turn": i, "user": line, "reply": reply, "resumed_history_tokens": resumed,
                               "history_ids": history, **info}), flush=True)
     return 0
 
