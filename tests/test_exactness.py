@@ -313,3 +313,27 @@ def test_rope_whose_frequencies_depend_on_the_length_is_exact(store_factory):
     out = compare(model, cache, cache.input_ids)
     assert mixed.save("m", cache, out.sequences).result().meta["rope_regime"] == "mixed"
     assert mixed.cache_for(model, "m", torch.cat([out.sequences, random_ids(3, 5)], dim=1)).reused_tokens == 0
+
+
+def test_rope_regime_is_that_of_the_kept_tokens_after_a_truncation(store_factory):
+    """A truncated turn's forward runs over the kept ids: its rotary frequencies are those of their length, as
+    save() notes them. The lookup checked the record against the length *before* truncation, so a record computed
+    with longrope's long factors was loaded into a forward that runs with the short ones (kept 45 of 91 tokens,
+    under the switch at 64): mixed frequencies, not what any forward computes. Now it is recomputed from the kept
+    ids, exactly a fresh forward over them."""
+    model = tiny_model("llama", rope_parameters=LONGROPE)
+    store = store_factory(max_context=80, reserve_tokens=0, truncation_ratio=0.5)
+    out, rec = saved_turn(model, store, random_ids(70, 1))
+    assert rec.meta["rope_regime"] == "longrope:long"
+    ids = torch.cat([out.sequences, random_ids(20, 2)], dim=1)  # 91 tokens > 80: half of them dropped
+    cache = store.cache_for(model, "s", ids)
+    assert cache.truncated > 0 and cache.input_ids.shape[1] <= 64  # the forward: short factors
+    assert cache.reused_tokens == 0
+    out = compare(model, cache, cache.input_ids)
+    rec = store.save("s", cache, out.sequences).result()
+    assert rec.meta["rope_regime"] == "longrope:short"
+    # the next turn (kept coordinates, short factors again) reuses it
+    ids = torch.cat([torch.tensor([rec.meta["origin_ids"]]), torch.tensor([rec.meta["tail_ids"]]),
+                     random_ids(5, 3)], dim=1)
+    cache = store.cache_for(model, "s", ids)
+    assert cache.reused_tokens == rec.num_tokens

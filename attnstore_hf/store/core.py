@@ -421,13 +421,6 @@ class AttentionStore:
             cache.origin_ids = list(origin)
         else:
             cache.origin_ids = []
-        if rec is not None:
-            regime = cache._patch.rope_regime(model, len(ids))
-            if regime is not None and rec.meta.get("rope_regime") != regime:
-                log.info("session %r: the stored K/V were computed with other rotary frequencies (%s, this turn %s); "
-                         "recomputing", session_id, rec.meta.get("rope_regime"), regime)
-                self._release_lazy(rec)
-                rec = None
         reuse = reusable_length(rec, cache, ids) if rec is not None else 0
         keep = torch.arange(reuse)
         dropped = 0
@@ -435,6 +428,13 @@ class AttentionStore:
         if len(ids) + self.config.reserve_tokens > limit and self.config.truncation != "off":
             ids, keep, dropped = self._truncate(ids, reuse, limit)
             cache.truncated = dropped
+        if rec is not None and keep.numel():
+            # the rotary frequencies of the forward that runs: over the kept ids, if truncated (as save() notes them)
+            regime = cache._patch.rope_regime(model, len(ids))
+            if regime is not None and rec.meta.get("rope_regime") != regime:
+                log.info("session %r: the stored K/V were computed with other rotary frequencies (%s, this turn %s); "
+                         "recomputing", session_id, rec.meta.get("rope_regime"), regime)
+                keep = keep[:0]
         positions = torch.arange(keep.numel()) if self.config.truncation != "nkvt" else keep
         t_match = time.perf_counter()
         if keep.numel():
