@@ -556,3 +556,50 @@ def test_a_save_racing_close_says_the_store_closed(store_factory):
     store._save_pool.shutdown(wait=True)  # where close() has got to when the race is lost
     with pytest.raises(attnstore_hf.AttnStoreError, match="closed during the save"):
         store.save("s", cache, out.sequences)
+
+
+def test_a_failed_save_neither_breaks_flush_nor_close(store_factory, tmp_path):
+    """A save whose commit raised (it warns) made flush() re-raise its exception if it was still under way, and so
+    close(): the store stayed half open, its workers running and its DRAM records not written to disk. Now flush
+    waits without raising (the save's future holds the exception, stats count it) and close finishes."""
+    import threading
+
+    model = tiny_model("llama")
+    store = store_factory(write_policy="write_back")
+    saved_turn(model, store, random_ids(10, 1), session="kept")
+    go = threading.Event()
+    build = store._build_record
+
+    def failing(head, snap):  # the commit fails (here: fault injected) once close() is waiting for it
+        go.wait(5)
+        raise RuntimeError("out of host memory")
+
+    store._build_record = failing
+    ids = random_ids(12, 2)
+    cache = store.cache_for(model, "lost", ids)
+    fut = store.save("lost", cache, greedy(model, ids, cache).sequences)
+    threading.Timer(0.2, go.set).start()
+    store.close()
+    assert isinstance(fut.exception(), RuntimeError) and store.stats()["saves_failed"] == 1
+    store._build_record = build
+    again = store_factory()  # the write-back record of the other session reached the disk
+    assert again.cache_for(model, "kept", torch.cat([torch.tensor([again.history("kept")]), random_ids(3, 3)], 1)).reused_tokens > 0
+    with pytest.raises(attnstore_hf.AttnStoreError, match="closed"):
+        store.cache_for(model, "kept", ids)
+
+
+def test_an_interrupted_close_still_closes(store_factory):
+    """Ctrl-C during close() (here: in its flush) left the store open with its workers running; now the workers
+    are stopped and the store is closed, and a second close() returns."""
+    store = store_factory()
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    store.flush = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        store.close()
+    assert store._pool._shutdown and store._save_pool._shutdown and store._prefetch_pool._shutdown
+    store.close()
+    with pytest.raises(attnstore_hf.AttnStoreError, match="closed"):
+        store.save("s", None, None)

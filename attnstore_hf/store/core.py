@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -30,6 +30,7 @@ _COUNTERS = (
     "evictions_disk", "disk_writes", "disk_write_errors", "bytes_written_disk", "bytes_read_disk",
     "bytes_written_dram", "loads", "load_seconds", "restore_seconds", "save_seconds", "restore_load",
     "restore_recompute", "restore_both", "restore_tail", "staged", "staged_used", "staged_dropped", "saves_skipped",
+    "saves_failed",
 )
 
 
@@ -155,6 +156,7 @@ class AttentionStore:
         self._staged: dict[str, AttentionStoreCache] = {}  # turns restored ahead of time, oldest first
         self._closed = False
         self._closing = False  # close() has begun: nothing is promoted into DRAM any more
+        self._close_lock = threading.Lock()
 
     # ---- lookup / restore -------------------------------------------------------------------------------
     def _key(self, session_id: str) -> str:
@@ -719,6 +721,7 @@ class AttentionStore:
             self.put_record(rec)
             return rec
         except Exception as exc:
+            self._count("saves_failed")
             log.warning("session %r: saving failed (%s: %s); the next turn recomputes", head["session_id"],
                         type(exc).__name__, exc)
             raise
@@ -1007,14 +1010,14 @@ class AttentionStore:
 
     # ---- housekeeping ---------------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Wait until every pending write has finished."""
+        """Wait until every pending write has finished. A save that failed does not raise here (it was warned
+        about, counted in ``stats()["saves_failed"]``, and its future holds the exception)."""
         while True:
             with self._lock:
                 pending = list(self._pending)
             if not pending:
                 return
-            for fut in pending:
-                fut.result()
+            wait(pending)
 
     def wait_prefetch(self) -> None:
         """Wait until the prefetches started by :meth:`plan` have finished."""
@@ -1053,23 +1056,29 @@ class AttentionStore:
 
     def close(self) -> None:
         """Flush, persist every DRAM record to disk (so a new process resumes every session), stop the workers."""
-        if self._closed:
-            return
-        self._closing = True
-        with self._lock:
-            staged, self._staged = list(self._staged.values()), {}
-        for cache in staged:
-            self._discard(cache)
-        self._prefetch_pool.shutdown(wait=True)
-        self.flush()
-        self._save_pool.shutdown(wait=True)
-        if self.disk is not None:
-            for key in self.dram.keys():
-                rec = self.dram.peek(key)
-                if rec is not None and (self.config.write_policy == "write_back" or not self.disk.contains(key)):
-                    self._write_disk(rec)
-        self._pool.shutdown(wait=True)
-        self._closed = True
+        with self._close_lock:  # a second close() waits for the first, then returns
+            if self._closed:
+                return
+            self._closing = True
+            try:
+                with self._lock:
+                    staged, self._staged = list(self._staged.values()), {}
+                for cache in staged:
+                    self._discard(cache)
+                self._prefetch_pool.shutdown(wait=True)
+                self.flush()
+                self._save_pool.shutdown(wait=True)
+                if self.disk is not None:
+                    for key in self.dram.keys():
+                        rec = self.dram.peek(key)
+                        if rec is not None and (self.config.write_policy == "write_back"
+                                                or not self.disk.contains(key)):
+                            self._write_disk(rec)
+            finally:  # whatever raised above (a KeyboardInterrupt): no worker is left running, the store is closed
+                self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
+                self._save_pool.shutdown(wait=False, cancel_futures=True)
+                self._pool.shutdown(wait=True)
+                self._closed = True
 
     def __enter__(self) -> "AttentionStore":
         return self
