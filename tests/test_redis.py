@@ -440,3 +440,31 @@ def test_chunks_take_the_records_expiry_once_committed(redis_server):
     t = RedisTier(redis_server.url, chunk_bytes=8, ttl_seconds=10 * PENDING_TTL_S)
     t.put_bytes("k", "f" * 16, b"some record bytes")
     assert all(PENDING_TTL_S < ttl <= 10 * PENDING_TTL_S for ttl in _chunks(client).values())
+
+
+@pytest.mark.parametrize("policy", ["write_through", "write_back"])
+def test_a_record_fetched_from_redis_reaches_the_local_disk(policy, redis_server, tmp_path):
+    """A record read from Redis was put in DRAM only: write-through never wrote it to disk (its eviction assumed it
+    was there), and one that DRAM did not keep (larger than DRAM, or yielding to protected sessions) was kept
+    nowhere — every later turn fetched it from Redis again, and a restart without Redis lost it. Now it goes to
+    the local disk too."""
+    model = tiny_model("llama")
+    a = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url))
+    _, out = _turn(model, a, random_ids(20, 1))
+    a.close()
+    dram = "1KB" if policy == "write_back" else "2GB"  # write-back: a record larger than DRAM
+    b = AttentionStore(StoreConfig(disk_dir=tmp_path / "b", redis_url=redis_server.url, dram_bytes=dram,
+                                   write_policy=policy))
+    ids = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    assert b.cache_for(model, "s", ids).source == "redis"
+    b.flush()
+    assert b.stats()["disk_writes"] == 1
+    b.close()
+    local = AttentionStore(StoreConfig(disk_dir=tmp_path / "b"))  # no Redis: the local disk has it
+    cache = local.cache_for(model, "s", ids)
+    assert cache.source == "disk" and cache.reused_tokens == out.sequences.shape[1] - 1
+    ref = greedy(model, ids)
+    got = greedy(model, ids, cache)
+    assert torch.equal(got.sequences, ref.sequences)
+    assert (got.logits[0] - ref.logits[0]).abs().max().item() <= TOL
+    local.close()

@@ -207,7 +207,7 @@ class AttentionStore:
             return None, None
         if tier in ("disk", "redis"):
             if getattr(rec, "_lazy", None) is None:
-                self._promote(rec, since)
+                self._promote(rec, since, shared=tier == "redis")
             else:
                 rec._since = since  # promoted once streamed whole (_finish_lazy)
         elif key in self._prefetched:
@@ -396,7 +396,7 @@ class AttentionStore:
             if shared is not None and _newer({"tokens": shared.num_tokens, "turn": shared.meta.get("turn")}, rec):
                 self._release_lazy(rec)
                 rec, tier = shared, "redis"
-                self._promote(rec, since)
+                self._promote(rec, since, shared=True)
         # a save is one turn more than the latest this replica knows of (a shared one it could not use included):
         # replicas tell the newer record by it
         local_turn = int(rec.meta.get("turn", 0)) if rec is not None else 0
@@ -782,9 +782,11 @@ class AttentionStore:
         with self._lock:
             return self._versions.get(key, 0)
 
-    def _promote(self, rec: SessionRecord, since: int | None, protect=None) -> bool:
+    def _promote(self, rec: SessionRecord, since: int | None, protect=None, shared: bool = False) -> bool:
         """Put ``rec``, read from a lower tier, into DRAM unless the session was saved or dropped since version
-        ``since`` (then the newer state stays). Returns whether ``rec`` went in."""
+        ``since`` (then the newer state stays). Returns whether ``rec`` went in. A record read from Redis
+        (``shared``) is on no local disk: it is written there too if DRAM did not keep it (larger than DRAM, or
+        yielding to the sessions the queue protects) or if the write policy keeps DRAM's records on disk."""
         with self._dram_lock(rec.key):
             if since is not None and self._version(rec.key) != since:
                 log.debug("session %r: saved or dropped while its record was read; not promoted", rec.session_id)
@@ -798,7 +800,10 @@ class AttentionStore:
                 log.debug("session %r: a newer record is being written; the one read is not promoted",
                           rec.session_id)
                 return False
-            return self._put_dram(rec, protect=protect)
+            kept = self._put_dram(rec, protect=protect)
+            if shared and self.disk is not None and (not kept or self.config.write_policy == "write_through"):
+                self._write_disk_async(rec)  # (skipped if a save or drop of the session comes first)
+            return kept
 
     def _put_dram(self, rec: SessionRecord, protect=None) -> bool:
         """Put ``rec`` in DRAM; demote what it evicts. Returns whether ``rec`` itself stayed in DRAM: not if it is
