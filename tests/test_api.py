@@ -268,6 +268,14 @@ def test_closed_store_says_so(store_factory):
     assert store.stats()["lookups"] == 0  # reading what it counted still works
 
 
+def test_stats_keys_do_not_depend_on_the_tiers(store_factory):
+    """stats() of a DRAM-only store had no disk_records / disk_bytes (KeyError for code written against a store
+    with a disk); every store now reports the same keys, 0 for a tier it does not have."""
+    with_disk, dram_only = store_factory().stats(), store_factory(disk_dir=None).stats()
+    assert set(with_disk) == set(dram_only)
+    assert dram_only["disk_records"] == dram_only["disk_bytes"] == 0
+
+
 def test_generate_given_other_ids_than_the_turn_is_refused_at_any_length(store_factory):
     """A new message longer than the restored history would be sliced by generate() into "new" tokens that are
     not the conversation's (silently wrong before): the first forward compares its ids with the turn's and

@@ -1108,6 +1108,5 @@ class AttentionStore:
         s["mean_save_s"] = s["save_seconds"] / s["saves"] if s["saves"] else 0.0
         s["policy"] = self.policy.name
         s["dram_records"], s["dram_bytes"] = len(self.dram), self.dram.used
-        if self.disk is not None:
-            s["disk_records"], s["disk_bytes"] = len(self.disk), self.disk.used
+        s["disk_records"], s["disk_bytes"] = (len(self.disk), self.disk.used) if self.disk is not None else (0, 0)
         return s
