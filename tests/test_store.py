@@ -148,6 +148,23 @@ def test_the_windows_count_sessions_the_store_holds_once(tmp_path):
     store.close()
 
 
+def test_the_windows_take_the_size_of_each_sessions_latest_record(tmp_path):
+    """A conversation's records grow turn by turn: the mean over every save ever made counted its early, short
+    turns, so the prefetch window held more sessions than DRAM does (here 4 for room of 3 latest records; ~27%
+    more on the simulator's trace). The mean is now over each session's latest record; a dropped session leaves it."""
+    store = make(tmp_path, "scheduler", dram_records=3)  # room for 3 records of 20 tokens
+    for sid in ("a", "b", "c"):
+        for tokens in (5, 10, 20):  # three turns of each conversation
+            store.put_record(rec(sid, tokens=tokens))
+    store.flush()
+    assert store.mean_record_bytes() == SIZE
+    assert store.windows()[0] == 3
+    store.put_record(rec("d", tokens=5))
+    store.drop("a")
+    assert store.mean_record_bytes() == (2 * SIZE + rec("d", tokens=5).nbytes) / 3
+    store.close()
+
+
 def test_eviction_window_protects_queued_sessions_on_disk(tmp_path):
     disk_cap = None
     store = make(tmp_path, "scheduler", dram_records=1)

@@ -7,6 +7,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -32,6 +33,9 @@ _COUNTERS = (
     "restore_recompute", "restore_both", "restore_tail", "staged", "staged_used", "staged_dropped", "saves_skipped",
     "saves_failed",
 )
+
+
+SIZED_SESSIONS = 4096  # sessions whose latest record size the windows' mean record size is taken over
 
 
 def _as_ids(input_ids) -> torch.Tensor:
@@ -149,7 +153,10 @@ class AttentionStore:
         self._prefetched: set[str] = set()  # in DRAM thanks to a prefetch, not used yet
         self._protect_dram: frozenset[str] = frozenset()
         self._protect_disk: frozenset[str] = frozenset()
-        self._sizes = [0, 0]  # sum and count of saved record sizes (mean record size for the windows)
+        # the mean record size for the windows: each session's latest record (of the SIZED_SESSIONS saved last);
+        # a conversation's records grow turn by turn, so a mean over every save ever made undercounts them
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._sizes_total = 0
         self._lock = threading.Lock()
         self._stats = {k: 0 for k in _COUNTERS}
         self.cost = CostModel()
@@ -754,8 +761,10 @@ class AttentionStore:
             raise ValueError(f"record of session {rec.session_id!r} is not well formed: {exc}") from None
         rec.meta["saved_at"] = time.time()  # ttl_seconds counts from the last save: this one
         with self._lock:
-            self._sizes[0] += rec.nbytes
-            self._sizes[1] += 1
+            self._sizes_total += rec.nbytes - self._sizes.pop(rec.key, 0)
+            self._sizes[rec.key] = rec.nbytes
+            while len(self._sizes) > SIZED_SESSIONS:
+                self._sizes_total -= self._sizes.popitem(last=False)[1]
         self._prefetched.discard(rec.key)
         self.policy.touch(rec.key)
         with self._dram_lock(rec.key):
@@ -885,8 +894,9 @@ class AttentionStore:
 
     # ---- scheduler-aware placement ------------------------------------------------------------------------
     def mean_record_bytes(self) -> float:
+        """Mean size of the sessions' latest records (saved by this store; else those in DRAM)."""
         with self._lock:
-            total, n = self._sizes
+            total, n = self._sizes_total, len(self._sizes)
         if n:
             return total / n
         sizes = [self.dram.peek(k).nbytes for k in self.dram.keys()]
@@ -1056,6 +1066,7 @@ class AttentionStore:
                 self.disk.remove(key)
         with self._lock:
             self._writing.pop(key, None)
+            self._sizes_total -= self._sizes.pop(key, 0)
         self._prefetched.discard(key)
         self.policy.forget(key)
 
