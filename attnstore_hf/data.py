@@ -40,6 +40,30 @@ def iter_sharegpt(limit: int | None = None) -> Iterator[dict]:
             yield obj
 
 
+def turn_pairs(conv: dict) -> list[tuple[str, str]]:
+    """A conversation's turns as ``(user message, reply)`` pairs. Many ShareGPT conversations begin with a reply
+    whose prompt was cleaned away (768 of the first 2,000): those leading replies are skipped rather than the
+    conversation. Consecutive messages of one side (the user writing twice) are joined; a last user message
+    without a reply is left out."""
+    pairs: list[tuple[str, str]] = []
+    user: list[str] = []
+    reply: list[str] = []
+    for msg in conv.get("conversations", []):
+        who, text = msg.get("from"), msg.get("value")
+        if not isinstance(text, str):
+            continue
+        if who == "human":
+            if reply:
+                pairs.append(("\n".join(user), "\n".join(reply)))
+                user, reply = [], []
+            user.append(text)
+        elif who == "gpt" and user:
+            reply.append(text)
+    if user and reply:
+        pairs.append(("\n".join(user), "\n".join(reply)))
+    return pairs
+
+
 def sharegpt_text(min_chars: int, start: int = 0) -> str:
     """Real conversation text (ShareGPT turns joined as ``User:``/``Assistant:`` lines) of at least ``min_chars``."""
     parts, total = [], 0

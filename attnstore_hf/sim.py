@@ -77,13 +77,11 @@ class SimConfig:
 
 def load_turns(n_sessions: int, tokenizer=None) -> list[list[Turn]]:
     """The first ``n_sessions`` ShareGPT conversations as turns with token counts (real tokenizer if given)."""
-    from .data import iter_sharegpt
+    from .data import iter_sharegpt, turn_pairs
 
     convs = []
     for conv in iter_sharegpt():
-        msgs = [m for m in conv["conversations"] if m.get("from") in ("human", "gpt")]
-        pairs = [(msgs[i]["value"], msgs[i + 1]["value"]) for i in range(0, len(msgs) - 1, 2)
-                 if msgs[i]["from"] == "human" and msgs[i + 1]["from"] == "gpt"]
+        pairs = turn_pairs(conv)
         if pairs:
             convs.append(pairs)
         if len(convs) >= n_sessions:

@@ -26,6 +26,22 @@ def test_trace_is_well_formed():
             seen[op[1]] = op[2]
 
 
+def test_conversations_that_begin_with_a_reply_are_kept():
+    """768 of the first 2,000 ShareGPT conversations begin with a reply whose prompt was cleaned away; pairing
+    messages by even index dropped every one of them (and misaligned a conversation where the user wrote twice).
+    Leading replies are now skipped, not the conversation; one side's consecutive messages are joined."""
+    from attnstore_hf.data import iter_sharegpt, turn_pairs
+
+    msgs = [("gpt", "g0"), ("human", "h1"), ("human", "h2"), ("gpt", "g1"), ("system", "s"), ("gpt", "g2"),
+            ("human", "h3"), ("gpt", "g3"), ("human", "unanswered")]
+    conv = {"conversations": [{"from": w, "value": v} for w, v in msgs]}
+    assert turn_pairs(conv) == [("h1\nh2", "g1\ng2"), ("h3", "g3")]
+    convs = list(iter_sharegpt(2000))
+    kept = sum(1 for c in convs if turn_pairs(c))
+    gpt_first = sum(1 for c in convs if c["conversations"] and c["conversations"][0].get("from") == "gpt")
+    assert gpt_first > 700 and kept > 1900  # the even-index pairing kept 1,215
+
+
 def test_scheduler_aware_beats_lru_on_a_small_replay():
     cfg = SimConfig(sessions=150, rate=2.0, dram=8e9, disk=20e9, slots=8)  # a queue forms: look-ahead exists
     ops = build_trace(load_turns(150), cfg)

@@ -299,7 +299,7 @@ def bench_replay(args) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
     from ..config import parse_size
-    from ..data import iter_sharegpt
+    from ..data import iter_sharegpt, turn_pairs
     from ..models import load_model
     from ..serving import MODES, ServingLoop
     from ..sim import SimConfig, Turn, build_trace
@@ -307,9 +307,7 @@ def bench_replay(args) -> tuple[list[dict], dict]:
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     convs = []
     for conv in iter_sharegpt():
-        msgs = [m for m in conv["conversations"] if m.get("from") in ("human", "gpt")]
-        pairs = [(msgs[i]["value"], msgs[i + 1]["value"]) for i in range(0, len(msgs) - 1, 2)
-                 if msgs[i]["from"] == "human" and msgs[i + 1]["from"] == "gpt"][: args.max_turns]
+        pairs = turn_pairs(conv)[: args.max_turns]
         if len(pairs) >= 2:
             convs.append(pairs)
         if len(convs) >= args.sessions:
