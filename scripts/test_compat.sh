@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+rm -f .venv/.attnstore-hf-setup  # .venv differs from its requirements until restore() has run: setup.sh redoes it
 restore() { python -m pip install -q --no-cache-dir -c constraints.txt -e '.[test,models,data]'; }
 trap restore EXIT
 python -m pip install -q --no-cache-dir "transformers==${TRANSFORMERS:-5.17.0}"
