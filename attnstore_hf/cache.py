@@ -346,17 +346,10 @@ class AttentionStoreCache(Cache):
         else:
             super().__init__(layer_class_to_replicate=ChunkedLayer)
         self.session_id = session_id
-        self.reused_tokens = 0
-        self.prefix_ids: list[int] = []
+        self._no_restore()
         self.input_ids: torch.Tensor | None = None
-        self.source: str | None = None  # tier the restored record came from ("dram", "disk") or None
         self.load_seconds = 0.0
         self.truncated = 0              # tokens dropped by truncation for this turn
-        self.carried = False            # restored K/V hold context truncation dropped (not recomputable from ids)
-        self.user_ids: list[int] | None = None   # the ids cache_for was given (the user's coordinates)
-        self.turn_ids: list[int] | None = None   # the same in the cache's coordinates (what input_ids holds)
-        self.origin_ids: list[int] = []           # user-coordinate ids of a record restored from a truncated one
-        self._expect_first: int | None = None     # new tokens the first forward must bring (guards truncation)
         self._model = model
         self._loader = None                       # a LayerLoader still restoring layers (layer-wise restore)
         self._snapshot = None                     # a pending asynchronous save reading this cache
@@ -426,13 +419,18 @@ class AttentionStoreCache(Cache):
         else:
             self._abandon_restore()
         self.reset()  # a plain cache now: what cache_for set up for the turn goes too
+        self._no_restore()
+
+    def _no_restore(self) -> None:
+        """The turn fields of a cache that restores nothing (a new one, or a discarded one)."""
         self.reused_tokens = 0
-        self.prefix_ids = []
-        self.turn_ids = self.user_ids = None
-        self._expect_first = None
-        self.origin_ids = []
-        self.carried = False
-        self.source = None
+        self.prefix_ids: list[int] = []
+        self.source: str | None = None  # tier the restored record came from ("dram", "disk", "redis") or None
+        self.carried = False            # restored K/V hold context truncation dropped (not recomputable from ids)
+        self.user_ids: list[int] | None = None   # the ids cache_for was given (the user's coordinates)
+        self.turn_ids: list[int] | None = None   # the same in the cache's coordinates (what input_ids holds)
+        self.origin_ids: list[int] = []           # user-coordinate ids of a record restored from a truncated one
+        self._expect_first: int | None = None     # new tokens the first forward must bring (guards truncation)
 
     def _abandon_restore(self) -> None:
         """Stop a layer-wise restore still running and let go of what it holds; no layer waits for it any more."""
