@@ -102,4 +102,7 @@ def test_hit_rates_do_not_depend_on_the_scale(codec):
         cfg = SimConfig(sessions=150, dram=8e9, disk=30e9, scale=scale, codec=codec)
         ops = build_trace(turns, cfg)
         rates.append({p: replay(ops, cfg, p)["hit_rate"] for p in ("lru", "scheduler")})
-    assert rates[0] == rates[1]
+    # a record file's header (a few hundred bytes whatever the scale) is the one part that does not scale: it may
+    # move a record across the disk's limit (int8 on this trace: 0.26 points, one lookup), not whole points
+    for p in ("lru", "scheduler"):
+        assert abs(rates[0][p] - rates[1][p]) <= 0.005, rates

@@ -932,8 +932,8 @@ class AttentionStore:
         # the windows count sessions the store holds: a new conversation in the queue needs no room
         with self._lock:
             saving = set(self._saving) | set(self._writing)  # a save still under way: held a moment from now
-        held = [(sid, key) for sid, key in zip(ids, keys) if key in saving or self.dram.contains(key)
-                or (self.disk is not None and self.disk.contains(key))]
+        on_disk = {key for key in keys if self.disk is not None and self.disk.contains(key)}
+        held = [(sid, key) for sid, key in zip(ids, keys) if key in saving or key in on_disk or self.dram.contains(key)]
         ids, keys = [sid for sid, _ in held], [key for _, key in held]
         head = keys if pw is None else keys[:pw]
         self._protect_dram = frozenset(head)
@@ -944,7 +944,7 @@ class AttentionStore:
         for pos, (sid, key) in enumerate(zip(ids, head)):
             with self._lock:
                 busy = key in self._prefetching or key in self._writing
-            if busy or self.dram.contains(key) or not self.disk.contains(key):
+            if busy or key not in on_disk or self.dram.contains(key):
                 continue
             with self._lock:
                 self._prefetching.add(key)
