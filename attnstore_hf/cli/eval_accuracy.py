@@ -45,8 +45,6 @@ def _teacher_forced_turn(model, store, sid: str, ids: list[int]):
 def conversations_for_ppl(tok, n: int, min_tokens: int, max_turns: int) -> list[list[list[int]]]:
     """The first ``n`` ShareGPT conversations (as per-turn token lists, at most ``max_turns`` turns) whose turns
     add up to at least ``min_tokens``, so that they overflow the window."""
-    from datasets import Dataset
-
     from ..data import iter_sharegpt
 
     rows = []
@@ -63,9 +61,8 @@ def conversations_for_ppl(tok, n: int, min_tokens: int, max_turns: int) -> list[
             break
     if not rows:
         raise SystemExit(f"no ShareGPT conversation of {max_turns} turns reaches {min_tokens} tokens")
-    ds = Dataset.from_list(rows)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    return [[bos + r["turn_ids"][0]] + r["turn_ids"][1:] for r in ds]
+    return [[bos + r["turn_ids"][0]] + r["turn_ids"][1:] for r in rows]
 
 
 def perplexity(model, convs, window: int, progress: bool = True) -> dict:
