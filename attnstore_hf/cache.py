@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -352,7 +353,7 @@ class AttentionStoreCache(Cache):
         self.truncated = 0              # tokens dropped by truncation for this turn
         self._model = model
         self._loader = None                       # a LayerLoader still restoring layers (layer-wise restore)
-        self._snapshot = None                     # a pending asynchronous save reading this cache
+        self._snapshots: list = []                # pending saves reading this cache (Snapshot objects)
         self.restore_plan: dict | None = None     # what cache_for chose for this turn: load / recompute / both
         self.recomputed_tokens = 0                # restored tokens recomputed after a failed layer-wise load
         self.host_ms: dict[str, float] = {}       # host time of cache_for's phases, ms (where a lookup's time goes)
@@ -445,9 +446,10 @@ class AttentionStoreCache(Cache):
             layer._waiter = None
 
     def _wait_snapshot(self) -> None:
-        snap, self._snapshot = self._snapshot, None
-        if snap is not None:
-            snap.wait_copied()
+        """Before the cache changes in place: every save still to read it (an asynchronous one queued behind
+        others, a blocking one taken since) has read it."""
+        while self._snapshots:
+            self._snapshots.pop(0).wait_copied()
 
     @torch.no_grad()
     def prefill_apart(self, ids: torch.Tensor, **kwargs) -> "AttentionStoreCache":
@@ -455,6 +457,7 @@ class AttentionStoreCache(Cache):
         pre-RoPE keys this forward has captured but not yet taken are kept aside meanwhile. ``kwargs`` go to the
         decoder (``attention_mask``, ``position_ids``)."""
         fresh = AttentionStoreCache(self._model)
+        ids = ids.to(next(self._model.parameters()).device)  # (cache_for may have been given the ids on the host)
         patch = self._patch
         stash = patch.stash
         saved, capturing = dict(stash), patch.capturing
@@ -650,7 +653,7 @@ class AttentionStoreCache(Cache):
             self._fed = [torch.cat(self._fed)[: length - len(self._base_ids)]]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self._snapshot is not None:
+        if self._snapshots:
             self._wait_snapshot()
         if self._loader is not None:
             self._wait_layer(layer_idx)
@@ -1009,8 +1012,11 @@ def restore(cache: AttentionStoreCache, model, record, keep: torch.Tensor, posit
     if layerwise:
         from .pipeline.loader import LayerLoader
 
+        # weakly: a cache nobody runs or holds any more (a request cancelled before generate()) is freed at once,
+        # with what its restore holds (a disk record's open file) — a cycle would keep them until a gc pass
+        owner = weakref.ref(cache)
         for i, layer in enumerate(cache.layers):
-            layer._waiter = lambda i=i: cache._wait_layer(i)
+            layer._waiter = lambda i=i: (c := owner()) is not None and c._wait_layer(i)
 
         def size_held_back():
             for size in sizers:

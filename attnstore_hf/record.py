@@ -7,6 +7,7 @@ import json
 import math
 import os
 import struct
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -307,7 +308,21 @@ class LazyRecord:
             raise RecordError("record tensors do not match its header")
         meta_tensors = {name: torch.empty(shape, dtype=dt, device="meta")
                         for name, (dt, shape, _, _) in self._specs.items()}
-        self.record = SessionRecord._from_parts(head, meta_tensors)
+        self._record = SessionRecord._from_parts(head, meta_tensors)
+
+    @property
+    def record(self) -> SessionRecord:
+        rec = self._record
+        return rec() if isinstance(rec, weakref.ref) else rec
+
+    def attach(self) -> SessionRecord:
+        """Hand the record out with this reader attached (``record._lazy``), holding it only weakly from here: no
+        reference cycle, so once nobody holds the record (a restore that was never run) the file is closed at
+        once, not at the next garbage collection."""
+        rec = self._record
+        rec._lazy = self
+        self._record = weakref.ref(rec)
+        return rec
 
     def materialize(self, i: int, pin: bool = False) -> None:
         """Read and verify layer ``i``'s tensors (raises :class:`RecordError` on a mismatch)."""
@@ -341,6 +356,10 @@ class LazyRecord:
             self._f.close()
         except Exception:
             pass
+
+    def __del__(self) -> None:
+        if getattr(self, "_f", None) is not None:
+            self.close()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

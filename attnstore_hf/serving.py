@@ -61,7 +61,8 @@ class ServingLoop:
         """Serve one turn. ``stage_next``: (session, user message ids) of the turn at the head of the queue; with
         ``attnstore_scheduler_staged`` its restore starts once this turn's first token is out."""
         history = self.histories.get(session, [])
-        ids = torch.tensor([history + user_ids])
+        device = next(self.model.parameters()).device  # (the teacher-forced forward below is not generate())
+        ids = torch.tensor([history + user_ids], device=device)
         t0 = time.perf_counter()
         reused, source, cache = 0, None, None
         if self.mode == "hf_dynamic":
@@ -77,10 +78,11 @@ class ServingLoop:
         ttft = time.perf_counter() - t0
         if stage_next is not None and self.mode == "attnstore_scheduler_staged" and stage_next[0] != session:
             nxt, nxt_ids = stage_next
-            self.store.stage(self.model, nxt, torch.tensor([self.histories.get(nxt, []) + list(nxt_ids)]))
+            self.store.stage(self.model, nxt, torch.tensor([self.histories.get(nxt, []) + list(nxt_ids)],
+                                                           device=device))
         full = ids[0].tolist() + reply_ids
         if cache is not None and reply_ids:  # teacher-force the recorded reply into the cache
-            self.model(torch.tensor([reply_ids]), past_key_values=cache, use_cache=True)
+            self.model(torch.tensor([reply_ids], device=device), past_key_values=cache, use_cache=True)
         if self.mode == "hf_dynamic":
             self.caches[session] = cache
             held = sum(layer.keys.numel() * layer.keys.element_size() * 2

@@ -611,3 +611,46 @@ def test_an_interrupted_close_still_closes(store_factory):
     store.close()
     with pytest.raises(attnstore_hf.AttnStoreError, match="closed"):
         store.save("s", None, None)
+
+
+def test_a_queued_save_still_guards_the_cache_after_another_snapshot(store_factory):
+    """A cache remembered one pending save: a blocking record_from_cache() taken while an asynchronous save was
+    queued behind others replaced it, so a crop and a forward on the cache overwrote K/V the queued save had not
+    copied yet — its record held K/V of other tokens than its ids (every layer). Every pending save is now waited
+    for before the cache changes in place."""
+    import threading
+
+    model = tiny_model("llama")
+    store = store_factory(disk_dir=None, restore_mode="load")
+    ids = random_ids(40, 1)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    gate = threading.Event()
+    store._save_pool.submit(gate.wait, 10)  # the save thread is busy with an earlier save
+    fut = store.save("s", cache, out.sequences)  # queued: nothing copied yet
+    ref = store.record_from_cache("t", cache, out.sequences)
+    threading.Timer(0.3, gate.set).start()
+    cache.crop(-10)  # waits for the queued save
+    with torch.no_grad():
+        model(random_ids(10, 7), past_key_values=cache, use_cache=True)
+    rec = fut.result()
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(rec.layers, ref.layers))
+
+
+def test_a_save_refused_by_a_closing_store_does_not_hang_the_cache(store_factory):
+    """save() racing close(): the refused save's snapshot had already registered with the cache and was never
+    copied, so the cache's next crop/reset/forward waited for it forever."""
+    import threading
+
+    model = tiny_model("llama")
+    store = store_factory(disk_dir=None)
+    ids = random_ids(20, 1)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    store._save_pool.shutdown()  # where a close() on another thread has got to
+    with pytest.raises(attnstore_hf.AttnStoreError, match="closed during the save"):
+        store.save("s", cache, out.sequences)
+    t = threading.Thread(target=cache.crop, args=(-1,), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and cache.get_seq_length() == out.sequences.shape[1] - 2

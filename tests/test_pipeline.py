@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 import threading
@@ -742,3 +743,93 @@ def test_threads_serving_sessions_on_one_model_and_store_stay_exact(family, stor
         th.join()
     assert errors == []
     assert store.stats()["hits"] == 12  # every turn after the first of each session restored its history
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_recovery_and_serving_loop_take_ids_given_on_the_host(store_factory, monkeypatch):
+    """cache_for accepts ids on the host (a list, a tokenizer's output); a layer failing mid-forward was recomputed
+    from cache.input_ids as given, so on CUDA the recovery itself failed (device mismatch) instead of recomputing;
+    the serving loop's teacher-forced forward fed host ids to a CUDA model."""
+    from attnstore_hf.serving import ServingLoop
+
+    model = tiny_model("llama").cuda()
+    store = store_factory(restore_mode="load", layerwise=True)
+    out, rec = saved_turn(model, store, random_ids(50, 6).cuda())
+    ids = torch.cat([out.sequences.cpu(), random_ids(8, 7)], dim=1)
+    real_rotate = cache_mod.apply_rope_into
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("simulated read error")
+        return real_rotate(*a, **k)
+
+    monkeypatch.setattr(cache_mod, "apply_rope_into", flaky)
+    cache = store.cache_for(model, "s", ids[0].tolist())
+    assert cache.input_ids.device.type == "cpu"
+    compare(model, cache, ids.cuda())
+    assert cache.recomputed_tokens == rec.num_tokens
+    monkeypatch.setattr(cache_mod, "apply_rope_into", real_rotate)
+    loop = ServingLoop(model, "attnstore_scheduler_staged", store_factory(disk_dir=None))
+    first = loop.run_turn("a", 0, random_ids(20, 1)[0].tolist(), random_ids(6, 2)[0].tolist(),
+                          stage_next=("a", random_ids(4, 3)[0].tolist()))
+    second = loop.run_turn("a", 1, random_ids(4, 3)[0].tolist(), [])
+    assert second.reused > 0 and first.first_token == int(greedy(model, random_ids(20, 1).cuda()).sequences[0, -1])
+
+
+def test_a_cache_never_run_lets_go_of_its_record_file_at_once(store_factory, tmp_path):
+    """A restore nobody runs (a request cancelled before generate()) kept its disk record's file open until a
+    garbage-collection pass (a reference cycle: the record and its reader; the cache and its layers' waiters):
+    on a busy server, replaced record files piled up as open handles. Dropping the cache now closes it at once."""
+    import gc
+
+    def open_records():
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(tmp_path / "kv")) and ".safetensors" in target:
+                out.append(target)
+        return out
+
+    model = tiny_model("qwen3")
+    first = store_factory()
+    out, _ = saved_turn(model, first, random_ids(30, 1))
+    first.close()
+    store = store_factory(restore_mode="load", layerwise=True)  # the record is on disk only
+    ids = torch.cat([out.sequences, random_ids(4, 2)], 1)
+    gc.disable()
+    try:
+        cache = store.cache_for(model, "s", ids)
+        assert cache.source == "disk" and open_records()
+        thread = cache._loader._thread
+        if thread is not None:  # (its loader thread done: only references keep the file open now)
+            thread.join(30)
+        del cache
+        assert open_records() == []
+    finally:
+        gc.enable()
+    compare(model, store.cache_for(model, "s", ids), ids)
+
+
+def test_a_failed_load_during_both_is_a_recompute(store_factory, monkeypatch, caplog):
+    """`both` loads the later tokens while the first are recomputed; a failure of that load (out of memory while
+    decoding, say) left cache_for as an exception instead of the documented recompute with a warning."""
+    model = tiny_model("llama")
+    store = store_factory(restore_mode="both", disk_dir=None)
+    out, rec = saved_turn(model, store, random_ids(60, 6))
+    ids = torch.cat([out.sequences, random_ids(8, 7)], dim=1)
+
+    def failing(*a, **k):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(cache_mod, "apply_rope", failing)
+    with caplog.at_level(logging.WARNING):
+        cache = store.cache_for(model, "s", ids)
+    assert cache.restore_plan["choice"] == "both" and cache.reused_tokens == 0
+    assert "loading the stored KV failed" in caplog.text
+    compare(model, cache, ids)

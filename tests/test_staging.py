@@ -310,3 +310,26 @@ def test_a_staged_turn_counts_in_stats_when_served_not_when_staged(store_factory
     staged = store.stage(model, "s", edited)  # handed over: counted then
     assert store.stats()["lookups"] == 2 and store.cache_for(model, "s", edited) is staged
     assert store.stats()["lookups"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stage_layers", [0, 1])
+def test_cuda_staged_load_time_leaves_out_the_wait_for_the_turn(stage_layers, store_factory):
+    """A staged restore with held-back layers timed its load from stage() to the last layer, the wait for the
+    turn to start included (a second here, the whole previous turn in a serving loop): the cost model then saw
+    a load of a few MB take seconds and chose recompute for later turns. The wait is left out now."""
+    import time
+
+    model = tiny_model("llama").cuda()
+    store = store_factory(stage_layers=stage_layers, restore_mode="load", disk_dir=None)
+    out, _ = saved_turn(model, store, random_ids(300, 1).cuda())
+    ids = torch.cat([out.sequences, random_ids(5, 2).cuda()], 1)
+    staged = store.stage(model, "s", ids)
+    loader = staged._loader
+    time.sleep(1.0)
+    cache = store.cache_for(model, "s", ids)
+    assert cache is staged
+    compare(model, cache, ids)
+    torch.cuda.synchronize()
+    assert loader.seconds() is not None and loader.seconds() < 0.5

@@ -55,7 +55,8 @@ class LayerLoader:
         self.jobs = jobs
         self._go = threading.Event()
         self._limit = len(jobs) if ahead is None else max(0, min(int(ahead), len(jobs)))
-        if self._limit == len(jobs):
+        self._held = self._limit < len(jobs)  # jobs held back until release()
+        if not self._held:
             self._go.set()
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -73,6 +74,7 @@ class LayerLoader:
         self.t_start = self.t_end = None  # host wall clock of the loading (CPU); CUDA: see cuda_start/cuda_end
         self.cpu_seconds = None  # CPU time of the loader thread's jobs (CPU: what seconds() reports, see there)
         self.cuda_start = self.cuda_end = None
+        self.cuda_pause = self.cuda_resume = None  # around the wait for release() (held-back layers): not loading
         self.run_seconds = None  # host time of running (on CUDA: enqueuing) the jobs in start(), without a thread
         self.on_done: Callable[["LayerLoader"], None] | None = None     # called once every layer was waited for
         self.on_failure: Callable[[BaseException], None] | None = None  # called after a recovery
@@ -141,7 +143,17 @@ class LayerLoader:
     def _run(self, lo: int, hi: int) -> None:
         if self.cuda and lo < hi:
             with torch.cuda.stream(self.stream):  # once for the range: the jobs enqueue on the side stream
+                if lo == self._limit and self._held:  # the held-back layers, released: the clock runs again
+                    ev = torch.cuda.Event(enable_timing=True)
+                    ev.record(self.stream)
+                    if lo == 0:
+                        self.cuda_start = ev
+                    else:
+                        self.cuda_resume = ev
                 self._run_jobs(lo, hi)
+                if lo == 0 and self._held and hi == self._limit:  # the rest waits for release(): the clock stops
+                    self.cuda_pause = torch.cuda.Event(enable_timing=True)
+                    self.cuda_pause.record(self.stream)
         else:
             self._run_jobs(lo, hi)
 
@@ -225,6 +237,9 @@ class LayerLoader:
         if self.cuda and self.cuda_end is not None:
             if not self.cuda_end.query():
                 return None
+            if self.cuda_pause is not None and self.cuda_resume is not None:  # without the wait for release()
+                return (self.cuda_start.elapsed_time(self.cuda_pause)
+                        + self.cuda_resume.elapsed_time(self.cuda_end)) / 1e3
             return self.cuda_start.elapsed_time(self.cuda_end) / 1e3
         if self.threaded and self.cpu_seconds is not None:
             return self.cpu_seconds

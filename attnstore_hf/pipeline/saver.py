@@ -55,7 +55,12 @@ class Snapshot:
             # thread (page-locked allocation is slow and must not stall decoding)
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(self.device))
-        cache._snapshot = self
+        cache._snapshots.append(self)
+
+    def abandon(self) -> None:
+        """It will never copy (its save was refused or cancelled): the cache need not wait for it."""
+        self.raws = None
+        self._copied.set()
 
     def wait_copied(self) -> None:
         """Called by the cache before it changes in place: the copies must have read it first."""

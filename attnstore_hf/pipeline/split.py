@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .loader import LayerLoader
+from .loader import LayerLoader, LoadError
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -13,7 +17,8 @@ def restore_both(cache, model, record, reuse: int, split: int, total_len: int) -
     model (a forward of the decoder on the current stream) while tokens ``[split, reuse)`` are loaded in the
     background (thread / side stream); both finish, then each layer is the concatenation. Exact: the computed
     keys are the model's own, the loaded ones are re-rotated for their positions. Returns ``False`` if a sliding
-    layer lacks the window of the loaded part (then nothing is changed)."""
+    layer lacks the window of the loaded part, or if loading failed (then nothing is changed: the turn recomputes,
+    with a warning)."""
     from ..cache import SlidingLayer, _device_dtype, restore_jobs
 
     device = _device_dtype(model)[0]
@@ -23,10 +28,17 @@ def restore_both(cache, model, record, reuse: int, split: int, total_len: int) -
     if jobs is None:
         return False
     loader = LayerLoader(jobs, device, keepalive=record).start()
+    failed = None
     try:
         head = cache.prefill_apart(torch.tensor([record.token_ids[:split]], dtype=torch.long, device=device))
     finally:
-        loader.wait_all()  # the current stream now waits for the loads too
+        try:
+            loader.wait_all()  # the current stream now waits for the loads too
+        except LoadError as exc:
+            failed = exc
+    if failed is not None:  # (the cache is not touched before this point)
+        log.warning("session %r: loading the stored KV failed (%s); recomputing", cache.session_id, failed)
+        return False
     if loader.stream is not None:  # made on the side stream, read on this one: not reused before that is done
         for part in staged:
             for t in part:

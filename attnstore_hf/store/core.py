@@ -239,8 +239,7 @@ class AttentionStore:
                 opened.close()
                 return None
             if not whole:
-                opened.record._lazy = opened
-                return opened.record
+                return opened.attach()
             try:
                 rec = opened.materialize_all()
             finally:
@@ -527,8 +526,9 @@ class AttentionStore:
             ok = restore(cache, model, rec, keep, positions, total_len, layerwise=self.config.layerwise,
                          before=(lambda i: lazy.materialize(i, pin=device.type == "cuda")) if streamed else None,
                          ahead=ahead, threaded=self.config.restore_thread, pace=plan.get("pace"))
-        if not ok:
-            log.info("session %r: a sliding layer lacks the window of the kept tokens; recomputing", cache.session_id)
+        if not ok:  # (a failed load of `both` said so itself)
+            log.info("session %r: the stored KV cannot be restored here (a sliding layer lacks the window of the "
+                     "kept tokens, or loading failed); recomputing", cache.session_id)
             self._release_lazy(rec)
             return keep[:0]
         loader = cache._loader
@@ -708,17 +708,21 @@ class AttentionStore:
         self._save_slots.acquire()  # back-pressure: at most save_queue saves in flight
         try:
             snap = Snapshot(cache, self.config.codec, head["prompt"])
-            fut = self._save_pool.submit(self._commit_save, head, snap)
-        except RuntimeError as exc:  # close() on another thread shut the pool down after the check above
-            self._save_slots.release()
-            raise AttnStoreError("this AttentionStore was closed during the save; nothing was stored") from exc
         except BaseException:
             self._save_slots.release()
+            raise
+        try:
+            fut = self._save_pool.submit(self._commit_save, head, snap)
+        except BaseException as exc:
+            self._save_slots.release()
+            snap.abandon()  # never copied: the cache must not wait for it before changing
+            if isinstance(exc, RuntimeError):  # close() on another thread shut the pool down after the check above
+                raise AttnStoreError("this AttentionStore was closed during the save; nothing was stored") from exc
             raise
         with self._lock:
             self._pending.add(fut)
             self._saving[key] = fut
-        fut.add_done_callback(lambda f, key=key: self._save_done(key, f))
+        fut.add_done_callback(lambda f, key=key, snap=snap: self._save_done(key, f, snap))
         self._count("save_seconds", time.perf_counter() - t0)
         return fut
 
@@ -733,7 +737,9 @@ class AttentionStore:
                         type(exc).__name__, exc)
             raise
 
-    def _save_done(self, key: str, fut: Future) -> None:
+    def _save_done(self, key: str, fut: Future, snap: Snapshot) -> None:
+        if fut.cancelled():  # (an interrupted close() cancels the saves not started)
+            snap.abandon()
         self._save_slots.release()
         with self._lock:
             self._pending.discard(fut)
