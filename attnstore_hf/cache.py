@@ -348,6 +348,7 @@ class AttentionStoreCache(Cache):
             super().__init__(layer_class_to_replicate=ChunkedLayer)
         self.session_id = session_id
         self._no_restore()
+        self._lost_turn = False
         self.input_ids: torch.Tensor | None = None
         self.load_seconds = 0.0
         self.truncated = 0              # tokens dropped by truncation for this turn
@@ -419,8 +420,12 @@ class AttentionStoreCache(Cache):
             self.wait_loaded()  # everything arrived and was verified: finish as a used restore would
         else:
             self._abandon_restore()
+        lost = self.carried
         self.reset()  # a plain cache now: what cache_for set up for the turn goes too
         self._no_restore()
+        # its ids are those a truncation kept, and the K/V it restored carried the dropped context: computed afresh
+        # from those ids the turn would give another answer than the same turn served (see _check_forward)
+        self._lost_turn = lost
 
     def _no_restore(self) -> None:
         """The turn fields of a cache that restores nothing (a new one, or a discarded one)."""
@@ -516,6 +521,12 @@ class AttentionStoreCache(Cache):
             raise ValueError("use_cache=False with an AttentionStoreCache: the cache would be fed every token again "
                              "at each step (a wrong answer); drop past_key_values, or leave use_cache on")
         first = self.forwards == 0
+        if first and self._lost_turn:
+            raise ValueError(
+                f"the turn of session {self.session_id!r} restored ahead of time (stage()) was dropped by the store "
+                "before it ran (a save, drop or close of the session, or more than stage_sessions staged turns); "
+                "its conversation was truncated and the restored K/V carried what was dropped, so computing its ids "
+                "afresh would give another answer: get the turn again with store.cache_for()")
         restored = first and self.turn_ids is not None
         past = self.reused_tokens if restored else self.get_seq_length()
         if ids is None:  # inputs_embeds: what they stand for cannot be checked against the stored tokens

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnstore_hf import AttentionStore, StoreConfig
-from conftest import compare, random_ids, saved_turn, tiny_model
+from conftest import compare, greedy, random_ids, saved_turn, tiny_model
 
 
 def next_turn(model, store, seed, session="s", n=40):
@@ -333,3 +333,24 @@ def test_cuda_staged_load_time_leaves_out_the_wait_for_the_turn(stage_layers, st
     compare(model, cache, ids)
     torch.cuda.synchronize()
     assert loader.seconds() is not None and loader.seconds() < 0.5
+
+
+def test_a_dropped_staged_turn_that_was_truncated_refuses_to_run(store_factory):
+    """A staged turn that overflowed the window (CA truncation: its restored K/V carry the dropped context) and
+    was dropped by the store before it ran (here: another session staged beyond stage_sessions) was emptied and
+    computed its kept ids afresh: another answer (0.21 off) for the same turn, silently. It now raises; the turn
+    served again through cache_for is the one a kept turn gives."""
+    model = tiny_model("mistral")
+    store = store_factory(disk_dir=None, max_context=72, reserve_tokens=0, stage_sessions=1)
+    out, _ = saved_turn(model, store, random_ids(50, 1), session="a")
+    ids = torch.cat([out.sequences, random_ids(30, 2)], 1)
+    kept = greedy(model, store.stage(model, "a", ids).input_ids, store.cache_for(model, "a", ids))
+    staged = store.stage(model, "a", ids)
+    assert staged.truncated and staged.carried
+    store.stage(model, "b", random_ids(10, 3))  # more than stage_sessions: a's staged turn is dropped
+    with pytest.raises(ValueError, match="get the turn again"):
+        greedy(model, staged.input_ids, staged)
+    cache = store.cache_for(model, "a", ids)
+    again = greedy(model, cache.input_ids, cache)
+    assert torch.equal(again.sequences, kept.sequences)
+    assert max((x - y).abs().max().item() for x, y in zip(again.logits, kept.logits)) <= 1e-4
