@@ -284,15 +284,17 @@ def test_a_refused_first_forward_does_not_claim_a_staged_cache(store_factory, tm
     if loader._thread is not None:
         loader._thread.join(5)
         assert not loader._thread.is_alive()
-    # truncated, then discarded: a plain cache that computes everything
+    # truncated, then discarded: its truncation bookkeeping goes (a carried turn then refuses to run at all, see
+    # test_a_dropped_staged_turn_that_was_truncated_refuses_to_run)
     small = store_factory(disk_dir=None, max_context=48, reserve_tokens=0, restore_mode="load")
     out, _ = saved_turn(model, small, random_ids(30, 13))
     long_ids = torch.cat([out.sequences, random_ids(20, 14)], dim=1)
     staged = small.stage(model, "s", long_ids)
     assert staged.truncated > 0 and staged.reused_tokens > 0
     small.drop("s")
-    kept = staged.input_ids
-    compare(model, staged, kept)
+    assert staged.reused_tokens == 0 and staged.turn_ids is None and not staged.carried
+    with pytest.raises(ValueError, match="get the turn again"):
+        compare(model, staged, staged.input_ids)
 
 
 def test_a_staged_turn_counts_in_stats_when_served_not_when_staged(store_factory):
