@@ -596,21 +596,35 @@ def test_a_failed_save_neither_breaks_flush_nor_close(store_factory, tmp_path):
         store.cache_for(model, "kept", ids)
 
 
-def test_an_interrupted_close_still_closes(store_factory):
-    """Ctrl-C during close() (here: in its flush) left the store open with its workers running; now the workers
-    are stopped and the store is closed, and a second close() returns."""
-    store = store_factory()
+def test_an_interrupted_close_still_persists_and_closes(store_factory):
+    """Ctrl-C during close() (here: in its flush) left the store open, its workers running and its write-back
+    sessions in DRAM only (an earlier mend closed it at once instead: the sessions were lost and a save under way
+    failed). Now close() finishes its work — the saves, DRAM to disk, the workers stopped — and then re-raises."""
+    import threading
+
+    model = tiny_model("llama")
+    store = store_factory(write_policy="write_back")
+    ids = random_ids(12, 1)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    store.save("s", cache, out.sequences)
+    flush, calls = store.flush, []
 
     def interrupted():
-        raise KeyboardInterrupt
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        flush()
 
     store.flush = interrupted
     with pytest.raises(KeyboardInterrupt):
         store.close()
-    assert store._pool._shutdown and store._save_pool._shutdown and store._prefetch_pool._shutdown
-    store.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("attnstore")]
+    assert store.stats()["saves_failed"] == 0
+    store.close()  # returns: closed
     with pytest.raises(attnstore_hf.AttnStoreError, match="closed"):
-        store.save("s", None, None)
+        store.save("s", cache, out.sequences)
+    assert store_factory().history("s") == out.sequences[0].tolist()
 
 
 def test_a_queued_save_still_guards_the_cache_after_another_snapshot(store_factory):

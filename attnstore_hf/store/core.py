@@ -1083,24 +1083,33 @@ class AttentionStore:
                 return
             self._closing = True
             try:
-                with self._lock:
-                    staged, self._staged = list(self._staged.values()), {}
-                for cache in staged:
-                    self._discard(cache)
-                self._prefetch_pool.shutdown(wait=True)
-                self.flush()
-                self._save_pool.shutdown(wait=True)
-                if self.disk is not None:
-                    for key in self.dram.keys():
-                        rec = self.dram.peek(key)
-                        if rec is not None and (self.config.write_policy == "write_back"
-                                                or not self.disk.contains(key)):
-                            self._write_disk(rec)
-            finally:  # whatever raised above (a KeyboardInterrupt): no worker is left running, the store is closed
-                self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
-                self._save_pool.shutdown(wait=False, cancel_futures=True)
-                self._pool.shutdown(wait=True)
-                self._closed = True
+                self._shut_down()
+            except BaseException:
+                # interrupted (Ctrl-C) or failed: finish the shutdown all the same — the saves under way and
+                # queued, the DRAM records' way to disk (write-back holds sessions nowhere else), the workers
+                # stopped — then say why; a second interrupt stops it
+                try:
+                    self._shut_down()
+                finally:
+                    self._closed = True
+                raise
+            self._closed = True
+
+    def _shut_down(self) -> None:
+        """close()'s steps; each may be run again after an interruption."""
+        with self._lock:
+            staged, self._staged = list(self._staged.values()), {}
+        for cache in staged:
+            self._discard(cache)
+        self._prefetch_pool.shutdown(wait=True)
+        self.flush()
+        self._save_pool.shutdown(wait=True)
+        if self.disk is not None:
+            for key in self.dram.keys():
+                rec = self.dram.peek(key)
+                if rec is not None and (self.config.write_policy == "write_back" or not self.disk.contains(key)):
+                    self._write_disk(rec)
+        self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "AttentionStore":
         return self
