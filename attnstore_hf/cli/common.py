@@ -146,7 +146,10 @@ def run_main(parser: argparse.ArgumentParser, body, argv=None) -> int:
         parser.exit(130, "\ninterrupted\n")
     except ImportError as exc:  # an optional dependency this command needs is not installed
         extra = OPTIONAL.get((getattr(exc, "name", None) or "").split(".")[0])
-        hint = f" (pip install 'attnstore-hf[{extra}]')" if extra and "pip install" not in str(exc) else ""
+        ours = "pip install 'attnstore-hf[" in str(exc)  # (the package's own messages name the extra)
+        if not (extra or ours):  # another import failure (a transformers version without a name): its traceback
+            raise
+        hint = "" if ours else f" (pip install 'attnstore-hf[{extra}]')"
         parser.exit(2, f"{parser.prog}: error: {exc}{hint}\n")
     except OSError as exc:  # a read-only or full cache directory while converting the model, ...
         if exc.errno is None:

