@@ -72,9 +72,9 @@ def test_layers_wait_for_their_own_kv_and_compute_overlaps_loading(store_factory
 
     monkeypatch.setattr(cache_mod, "apply_rope_into", slow_apply)
     handles = []
-    for i, layer in enumerate(model.model.layers):
-        handles.append(layer.self_attn.register_forward_pre_hook(
-            lambda m, a, i=i: log.append(("attn", i, time.perf_counter()))))
+    for i, layer in enumerate(model.model.layers):  # when each layer's attention is done (it waits inside)
+        handles.append(layer.self_attn.register_forward_hook(
+            lambda m, a, o, i=i: log.append(("attn", i, time.perf_counter()))))
     try:
         cache = store.cache_for(model, "s", ids)
         assert cache._loader is not None and cache._loader.threaded
@@ -85,7 +85,8 @@ def test_layers_wait_for_their_own_kv_and_compute_overlaps_loading(store_factory
             h.remove()
     loaded = {cache.layers.index(layer): t for kind, layer, t in log if kind == "loaded"}
     attn = {i: t for kind, i, t in log if kind == "attn"}
-    assert sorted(loaded) == list(range(6))
+    assert sorted(loaded) == list(range(6)) == sorted(attn)
+    assert all(attn[i] >= loaded[i] for i in range(6)), "a layer computed before its K/V arrived"
     assert attn[0] < loaded[5], "no overlap: layer 0 waited for the whole record"
     ref = model(ids, use_cache=False).logits[:, -1]
     assert (first.logits[:, -1] - ref).abs().max().item() <= TOL
@@ -166,30 +167,32 @@ def test_changing_the_cache_right_after_save_does_not_change_the_record(store_fa
 
 
 def test_save_queue_bounds_saves_in_flight(store_factory, monkeypatch):
+    """With save_queue=2 and two saves held (their commit blocked), a third save() waits until one finishes."""
     model = tiny_model("mistral")
     store = store_factory(restore_mode="load", save_queue=2)
-    inflight, peak, lock = [0], [0], threading.Lock()
+    gate = threading.Event()
     real_put = store.put_record
 
-    def counting_put(rec):
-        with lock:
-            inflight[0] += 1
-            peak[0] = max(peak[0], inflight[0])
-        time.sleep(0.05)
+    def held_put(rec):
+        gate.wait(30)
         real_put(rec)
-        with lock:
-            inflight[0] -= 1
 
-    monkeypatch.setattr(store, "put_record", counting_put)
-    futs = []
-    for k in range(6):
+    monkeypatch.setattr(store, "put_record", held_put)
+    turns = []
+    for k in range(3):
         ids = random_ids(20, 20 + k)
         cache = store.cache_for(model, f"s{k}", ids)
-        futs.append(store.save(f"s{k}", cache, greedy(model, ids, cache).sequences))
-        with store._lock:
-            assert sum(1 for f in store._saving.values() if not f.done()) <= 2
+        turns.append((f"s{k}", cache, greedy(model, ids, cache).sequences))
+    futs = [store.save(*turn) for turn in turns[:2]]  # both return at once
+    third = threading.Thread(target=lambda: futs.append(store.save(*turns[2])), daemon=True)
+    third.start()
+    third.join(0.5)
+    assert third.is_alive(), "a third save was taken while two were in flight"
+    gate.set()
+    third.join(30)
+    assert not third.is_alive()
     store.flush()
-    assert all(f.done() for f in futs) and len(store.sessions()) == 6
+    assert all(f.done() for f in futs) and len(futs) == 3 and len(store.sessions()) == 3
 
 
 @pytest.mark.parametrize("grouped", [False, True])

@@ -105,6 +105,7 @@ def test_sigkill_at_random_points_never_leaves_a_torn_record(tmp_path):
     d = tmp_path / "kv"
     rng = random.Random(0)
     kills = 25
+    seen: dict[int, int] = {}  # session -> the newest version found on disk so far: never lost, never older
     for k in range(kills):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(k * 1000)], stdout=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
@@ -116,12 +117,15 @@ def test_sigkill_at_random_points_never_leaves_a_torn_record(tmp_path):
         for s in range(5):
             rec, tier = store.get_record(f"s{s}")
             if rec is None:
-                assert k == 0 or store.stats()["rejected_records"] == 0
+                assert s not in seen, f"session s{s} (version {seen.get(s)}) was lost by kill {k}"
                 continue
             v = rec.meta["salt"]  # whichever version it is, it is that version exactly
             assert same(rec, synthetic_record("default", f"s{s}", list(range(200 + v % 7)), 4096, salt=v))
+            assert v >= seen.get(s, v), f"session s{s} went back from version {seen[s]} to {v}"
+            seen[s] = v
         assert store.stats()["rejected_records"] == 0
         store.close()
+    assert len(seen) == 5  # every session reached the disk at some point
 
 
 # ---- two processes, one directory ----------------------------------------------------------------------------------

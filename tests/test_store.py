@@ -282,7 +282,10 @@ def test_invariants_hold_for_any_sequence(tmp_path_factory, policy, ops):
                 store.put_record(r)
                 latest[f"s{a}"] = r
             elif op == "get":
+                key = store._key(f"s{a}")
+                held = store.dram.contains(key) or key in store.disk._index
                 got, tier = store.get_record(f"s{a}")
+                assert (got is not None) == held, (a, tier, held)  # what a tier holds is found, nothing else
                 if got is not None:  # a hit is always the last version saved, byte for byte
                     assert same(got, latest[f"s{a}"]), (a, tier)
             elif op == "plan":
