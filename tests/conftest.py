@@ -77,6 +77,12 @@ def greedy(model, ids, cache=None, new=5):
                           do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
+def logit_diff(a, b) -> float:
+    """Largest absolute difference of two generate() outputs' logits over every generated step."""
+    assert len(a.logits) == len(b.logits)
+    return max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits))
+
+
 def compare(model, cache, ids, tol=1e-4):
     """generate() on ``cache`` (restored for ``cache.input_ids``) gives the recompute's tokens and logits."""
     ours = greedy(model, cache.input_ids, cache)
