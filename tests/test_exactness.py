@@ -337,3 +337,37 @@ def test_rope_regime_is_that_of_the_kept_tokens_after_a_truncation(store_factory
                      random_ids(5, 3)], dim=1)
     cache = store.cache_for(model, "s", ids)
     assert cache.reused_tokens == rec.num_tokens
+    compare(model, cache, cache.input_ids)  # no truncation in this turn: exactly a fresh forward over its ids
+
+
+def test_dynamic_ntk_past_its_threshold_is_exact(store_factory):
+    """Dynamic NTK rescales its frequencies past max_position_embeddings (the other dynamic test stays under it,
+    where it is the default rope): a turn there is recomputed, a turn under it is reused, each exactly. The
+    rotary module is stateful — its frequencies only grow, from the longest forward it has seen, until a short
+    forward resets them — so two identical generate() calls in a row already differ (1.6e-4 here): each run,
+    ours and the reference, starts from the module's initial state. (max_context keeps truncation away.)"""
+    model = tiny_model("llama", max_position_embeddings=64,
+                       rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    rotary = model.model.rotary_emb
+
+    def run(ids, cache=None):
+        rotary.register_buffer("inv_freq", rotary.original_inv_freq.clone(), persistent=False)
+        rotary.max_seq_len_cached = rotary.original_max_seq_len
+        return greedy(model, ids, cache)
+
+    store = store_factory(max_context=4096, reserve_tokens=0)
+    ids = random_ids(30, 1)
+    reused = []
+    for extra in (10, 30, 3):  # 45 tokens (under the threshold), 80 (past it), 88 (after a turn that crossed it)
+        cache = store.cache_for(model, "s", ids)
+        ours, ref = run(ids, cache), run(ids)
+        assert torch.equal(ours.sequences, ref.sequences) and logit_diff(ours, ref) <= TOL
+        reused.append(cache.reused_tokens)
+        rec = store.save("s", cache, ours.sequences).result()
+        ids = torch.cat([ours.sequences, random_ids(extra, extra)], dim=1)
+    cache = store.cache_for(model, "s", ids)
+    ours, ref = run(ids, cache), run(ids)
+    assert torch.equal(ours.sequences, ref.sequences) and logit_diff(ours, ref) <= TOL
+    reused.append(cache.reused_tokens)
+    assert rec.meta["rope_regime"] == "mixed"
+    assert reused[0] == 0 and reused[1] == 34 and reused[2] == 0 and reused[3] == 0, reused

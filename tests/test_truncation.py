@@ -99,7 +99,8 @@ def test_ca_truncation_equals_independent_reference(fam, keep_prefix, store_fact
     assert torch.allclose(cache.layers[0].values, tt.layers[0].values[:, :, -n0:], atol=1e-6)
 
     ours = greedy(model, cache.input_ids, cache)
-    ref = greedy(model, kept_ids, reference_cache(model, ids2[:, :n_hist], keep))
+    independent = reference_cache(model, ids2[:, :n_hist], keep)
+    ref = greedy(model, kept_ids, independent)
     assert torch.equal(ours.sequences, ref.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits)) <= 1e-4
 
@@ -114,6 +115,8 @@ def test_ca_truncation_equals_independent_reference(fam, keep_prefix, store_fact
     assert torch.equal(kept_in_memory.sequences, restored.sequences)
     for a, b in zip(kept_in_memory.logits, restored.logits):
         assert torch.equal(a, b)
+    beside = greedy(model, ids3, independent)  # and the independent reference, continued the same way
+    assert torch.equal(beside.sequences, restored.sequences) and logit_diff(beside, restored) <= 1e-4
 
 
 def test_tt_recomputes_the_kept_tokens(store_factory):
