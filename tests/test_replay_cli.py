@@ -24,4 +24,7 @@ def test_replay_every_mode_answers_like_recompute(tmp_path):
             assert m["hit_rate"] == 1.0, name  # every later turn restored its history
     assert modes["attnstore_scheduler_staged"]["staged_used"] >= 1
     assert modes["attnstore_lru"]["staged_used"] == 0
+    for name in ("attnstore_lru", "attnstore_scheduler", "attnstore_scheduler_staged"):
+        counts = modes[name]["store_counts"]  # every later turn restored: the misses are the 3 first turns
+        assert counts["misses"] == 3 and counts["restore_recompute"] == 0 and counts["rejected_records"] == 0, counts
     assert (tmp_path / "replay.png").stat().st_size > 1000

@@ -332,6 +332,7 @@ def bench_replay(args) -> tuple[list[dict], dict]:
     results, per_turn = {}, {}
     all_rows: dict[str, list] = {m: [] for m in modes}
     all_stats: dict[str, dict] = {}
+    choices: dict[str, dict] = {m: {} for m in modes}
     peak: dict[str, int] = {m: 0 for m in modes}
     bar = tqdm(total=args.passes * len(modes) * sum(len(t) for t in sessions), desc="replay", unit="turn")
     for p in range(args.passes):  # later passes reverse the order: drift of the machine hits every mode alike
@@ -361,6 +362,9 @@ def bench_replay(args) -> tuple[list[dict], dict]:
             if store is not None:
                 store.close()
                 all_stats[mode] = store.stats()
+                for name in ("restore_load", "restore_recompute", "restore_both", "restore_tail", "misses",
+                             "rejected_records", "evictions_disk"):  # over every pass: why a turn was not restored
+                    choices[mode][name] = choices[mode].get(name, 0) + all_stats[mode][name]
                 shutil.rmtree(scratch, ignore_errors=True)
     for mode in modes:
         rows = all_rows[mode]
@@ -382,6 +386,9 @@ def bench_replay(args) -> tuple[list[dict], dict]:
             "ttft_mean_s_per_pass": [statistics.mean(x.ttft_s for x in rows[k * per_pass:(k + 1) * per_pass])
                                      for k in range(args.passes)],
             "staged_used": stats.get("staged_used"),  # last pass: turns served from a cache staged ahead
+            # all passes: the cost model's choices, lookups not restored (first turns included), records rejected,
+            # records dropped from disk for room
+            "store_counts": choices[mode] or None,
         }
         per_turn[mode] = [(x.turn, x.ttft_s) for x in rows]
     bar.close()
