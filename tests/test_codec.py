@@ -105,8 +105,11 @@ def test_record_is_decoded_by_its_own_codec(store_factory, tmp_path):
     reader = store_factory(codec="none")  # another config: the record says int8 and is decoded as int8
     rec, tier = reader.get_record("s")
     assert tier == "disk" and rec.codec == "int8" and rec.layers[0].keys.dtype == torch.int8
-    c = reader.cache_for(model, "s", torch.cat([out.sequences, random_ids(4, 1)], 1))
+    ids2 = torch.cat([out.sequences, random_ids(4, 1)], 1)
+    c = reader.cache_for(model, "s", ids2)
     assert c.reused_tokens == out.sequences.shape[1] - 1
+    ours, ref = greedy(model, ids2, c, new=1), greedy(model, ids2, new=1)  # int8's error bound, not garbage
+    assert ((ours.logits[0] - ref.logits[0]).abs().max() / ref.logits[0].abs().max()).item() < 0.02
 
 
 def test_disk_codec_differs_from_dram(store_factory):

@@ -136,7 +136,7 @@ def test_redis_down_at_start_then_back(redis_server, tmp_path, caplog):
     assert store.stats()["redis_writes"] == 1
     store.close()
     other = AttentionStore(StoreConfig(disk_dir=tmp_path / "b", redis_url=redis_server.url))
-    c = other.cache_for(model, "s", torch.cat([out.sequences, random_ids(3, 2)], 1))
+    c, _ = _turn(model, other, torch.cat([out.sequences, random_ids(3, 2)], 1))  # exact against a recompute
     assert c.source == "redis" and c.reused_tokens == out.sequences.shape[1] - 1
     other.close()
 
@@ -165,7 +165,7 @@ def test_redis_dies_during_save_and_load_and_comes_back_empty(redis_server, tmp_
     c, out4 = _turn(model, d, ids3)
     assert c.reused_tokens == 0
     e = AttentionStore(StoreConfig(disk_dir=tmp_path / "e", redis_url=redis_server.url))
-    c = e.cache_for(model, "s", torch.cat([out4.sequences, random_ids(2, 3)], 1))
+    c, _ = _turn(model, e, torch.cat([out4.sequences, random_ids(2, 3)], 1))  # exact against a recompute
     assert c.source == "redis" and c.reused_tokens == out4.sequences.shape[1] - 1
     for s in (a, b, d, e):
         s.close()
