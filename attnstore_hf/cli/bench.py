@@ -160,6 +160,23 @@ def _bench_reuse(args, model, all_ids, disk_dir: str) -> list[dict]:
 
 
 # ---- growth: the working cache vs DynamicLayer over a long reply ------------------------------------------------
+def _copied_bytes(make, prompt, k, steps: int, raw: bool) -> int:
+    """Bytes of K/V a layer moved to new memory over ``steps`` decode steps: whenever the keys' storage changes,
+    the tokens it then holds (keys and values, and the pre-RoPE keys of the working cache) were copied there."""
+    layer = make()
+    extra = {"raw_keys": prompt} if raw else {}
+    layer.update(prompt, prompt, **extra)
+    where, moved = layer.keys.untyped_storage().data_ptr(), 0
+    for _ in range(steps):
+        layer.update(k, k, **({"raw_keys": k} if raw else {}))
+        now = layer.keys.untyped_storage().data_ptr()
+        if now != where:
+            held = layer.keys.nbytes + layer.values.nbytes
+            moved += held + (held // 2 if raw else 0)
+            where = now
+    return moved
+
+
 def bench_growth(args) -> list[dict]:
     from transformers.cache_utils import DynamicLayer
 
@@ -167,7 +184,8 @@ def bench_growth(args) -> list[dict]:
     for steps in args.steps:
         k = torch.randn(1, args.heads, 1, args.head_dim)
         times = {"dynamic": [], "chunked": []}
-        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike; medians
+        copied = {}
+        for rep in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike; medians
             for name, make in (("dynamic", DynamicLayer), ("chunked", ChunkedLayer)):
                 layer = make()
                 prompt = torch.randn(1, args.heads, args.prompt, args.head_dim)
@@ -179,13 +197,12 @@ def bench_growth(args) -> list[dict]:
                     else:
                         layer.update(k, k, raw_keys=k)
                 times[name].append(time.perf_counter() - t0)
+                if rep == 0:  # measured apart from the timing: the K/V moved to new memory over the reply
+                    copied[name] = _copied_bytes(make, prompt, k, steps, raw=name == "chunked")
         times = {name: statistics.median(v) for name, v in times.items()}
-        tok_bytes = 2 * args.heads * args.head_dim * 4
-        n0 = args.prompt
-        copied_dynamic = sum((n0 + i) * tok_bytes for i in range(1, steps + 1))  # whole K and V each step
         rows.append({"prompt": args.prompt, "decode_steps": steps, "dynamic_s": times["dynamic"],
                      "chunked_s": times["chunked"], "speedup": times["dynamic"] / times["chunked"],
-                     "dynamic_copied_mb": copied_dynamic / 1e6})
+                     "dynamic_copied_mb": copied["dynamic"] / 1e6, "chunked_copied_mb": copied["chunked"] / 1e6})
     return rows
 
 
@@ -559,7 +576,7 @@ def _main(args) -> int:
               f"saved asynchronously ({d['ratio']:.1%})")
     elif args.cmd == "growth":
         rows = bench_growth(args)
-        cols = ["prompt", "decode_steps", "dynamic_s", "chunked_s", "speedup", "dynamic_copied_mb"]
+        cols = ["prompt", "decode_steps", "dynamic_s", "chunked_s", "speedup", "dynamic_copied_mb", "chunked_copied_mb"]
     elif args.cmd == "replay":
         rows, info = bench_replay(args)
         extra.update(info)
