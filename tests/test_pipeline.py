@@ -651,7 +651,8 @@ def test_cuda_record_evicted_while_its_copy_is_in_flight(store_factory):
 
 
 def test_disk_record_streams_layer_by_layer_and_is_promoted_when_whole(family, store_factory, monkeypatch):
-    """From disk only the header is read before generate(); each layer is read and verified by the loader."""
+    """From disk, cache_for reads only the header; each layer is read and verified by the loader's thread (in the
+    background, while earlier layers compute), and the record is promoted once every layer was verified."""
     from attnstore_hf.record import LazyRecord
 
     model = tiny_model(family)
@@ -661,13 +662,15 @@ def test_disk_record_streams_layer_by_layer_and_is_promoted_when_whole(family, s
     fresh = store_factory(restore_mode="load")
     read = []
     real = LazyRecord.materialize
-    monkeypatch.setattr(LazyRecord, "materialize", lambda self, i, **k: (read.append(i), real(self, i, **k))[1])
+    monkeypatch.setattr(LazyRecord, "materialize", lambda self, i, **k: (
+        read.append((i, threading.current_thread().name)), real(self, i, **k))[1])
     ids = torch.cat([out.sequences, random_ids(6, 71)], dim=1)
     cache = fresh.cache_for(model, "s", ids)
     assert cache.source == "disk" and cache.reused_tokens == rec.num_tokens
     assert not fresh.dram.contains(rec.key)  # not promoted before every layer is verified
     compare(model, cache, ids)
-    assert read == list(range(len(rec.layers)))
+    assert [i for i, _ in read] == list(range(len(rec.layers)))
+    assert {name for _, name in read} == {"attnstore-loader"}  # none by the thread calling cache_for/generate
     assert fresh.dram.contains(rec.key) and fresh.stats()["bytes_read_disk"] > 0
     promoted = fresh.dram.peek(rec.key)
     for a, b in zip(promoted.layers, rec.layers):
