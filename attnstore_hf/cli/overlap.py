@@ -154,9 +154,15 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
                 return warm
             return store_for(layerwise=layerwise, restore_mode=restore_mode)  # a new store: the record is on disk
 
+        worst = 0.0  # largest logit difference of a restored turn from the recompute's, over every variant
+
+        def check(got, ref):
+            nonlocal worst
+            worst = max(worst, (got.float() - ref.float()).abs().max().item())
+
         for _ in range(args.repeats):  # interleaved: drift on a shared machine hits every variant alike
             with clock as c:
-                forward(ids, None)
+                ref = forward(ids, None)
             t["full"].append(c.seconds)
             variants = [("sync", {"layerwise": False}), ("layered", {"layerwise": True}),
                         ("both", {"restore_mode": "both"}), ("tail", {"restore_mode": "tail"}),
@@ -172,9 +178,10 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
                 try:
                     with clock as c:
                         cache = store.cache_for(model, sid, ids)
-                        forward(ids[:, cache.reused_tokens:], cache)
+                        got = forward(ids[:, cache.reused_tokens:], cache)
                 finally:
                     cache_mod.GROUP_LAYERS, cache_mod.GROUP_PACING = group_layers, pacing
+                check(got, ref)
                 if name == "auto":  # the cost model's pick, from what the store measured so far
                     choices.append(cache.restore_plan["choice"])
                 elif name == "tail":  # the last tokens recomputed with the new ones
@@ -190,7 +197,8 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
             early.wait_loaded()
             with clock as c:
                 cache = store.cache_for(model, sid, ids)
-                forward(ids[:, cache.reused_tokens:], cache)
+                got = forward(ids[:, cache.reused_tokens:], cache)
+            check(got, ref)
             assert cache is early and cache.reused_tokens == hist
             t["staged"].append(c.seconds)
             if store is not warm:
@@ -200,12 +208,16 @@ def _bench_overlap(args, disk_dir: str) -> tuple[list[dict], dict]:
                 cache = store.cache_for(model, sid, ids)
             t["load"].append(c.seconds)
             with clock as c:  # the new tokens on a resident cache
-                forward(ids[:, hist:], cache)
+                got = forward(ids[:, hist:], cache)
+            check(got, ref)
             t["new"].append(c.seconds)
             if store is not warm:
                 store.close()
             bar.update()
-        row = {"history": hist, "new_tokens": args.new, "tier": args.tier}
+        if dtype == torch.float32 and worst > 1e-4:  # (bf16: `both` and `tail` round differently; reported)
+            raise RuntimeError(f"a restored turn's logits differ from the recompute's by {worst:.2e} at history "
+                               f"{hist}: not exact")
+        row = {"history": hist, "new_tokens": args.new, "tier": args.tier, "max_logit_diff": worst}
         for k, v in t.items():
             row[k] = statistics.median(v) * 1e3
         row["auto_choice"] = max(set(choices), key=choices.count)
@@ -307,6 +319,6 @@ def add_parser(sub) -> None:
 
 COLUMNS = ["history", "new_tokens", "tier", "full", "load", "new", "sync", "layered", "both", "tail", "tail_split",
            "staged", "auto", "auto_choice", "layered_vs_max", "staged_vs_new", "sync_vs_layered", "full_vs_layered",
-           "auto_vs_full"]
+           "auto_vs_full", "max_logit_diff"]
 #: with --group-layers
 ALT_COLUMNS = ["layered_alt", "group_layers_alt", "layered_alt_vs_max"]
