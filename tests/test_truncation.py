@@ -40,12 +40,13 @@ def capture_reference_kv(model, ids):
     return keys, values
 
 
-def reference_cache(model, ids_hist, keep):
-    """A plain DynamicCache holding the kept tokens, keys rotated at their new positions 0..len(keep)-1."""
+def reference_cache(model, ids_hist, keep, positions=None):
+    """A plain DynamicCache holding the kept tokens, keys rotated at their new positions 0..len(keep)-1 (or at
+    ``positions``)."""
     mod = importlib.import_module(type(model).__module__)
     keys, values = capture_reference_kv(model, ids_hist)
     cache = DynamicCache(config=model.config)
-    pos = torch.arange(len(keep)).unsqueeze(0)
+    pos = (torch.arange(len(keep)) if positions is None else torch.as_tensor(positions)).unsqueeze(0)
     types = getattr(model.config, "layer_types", None)
     for i in range(len(model.model.layers)):
         k, v = keys[i][:, :, keep], values[i][:, :, keep]
@@ -140,6 +141,14 @@ def test_nkvt_keeps_old_positions_and_differs(store_factory, tmp_path):
     assert torch.equal(ca.input_ids, nk.input_ids) and ca.reused_tokens == nk.reused_tokens > 0
     assert not torch.equal(ca.layers[0].keys, nk.layers[0].keys)  # same tokens, other rotation
     assert torch.equal(ca.layers[0].values, nk.layers[0].values)
+    # nkvt: the kept keys rotated at their *old* positions (an independent reference): the positions skip the gap
+    drop, n_hist = nk.truncated, nk.reused_tokens + nk.truncated
+    keep = list(range(drop, n_hist))
+    old = reference_cache(model, ids2[:, :n_hist], keep, positions=keep)
+    for i in range(len(model.model.layers)):
+        assert torch.allclose(nk.layers[i].keys, old.layers[i].keys, atol=1e-5), i
+    new = reference_cache(model, ids2[:, :n_hist], keep)  # and CA's at the new ones
+    assert torch.allclose(ca.layers[0].keys, new.layers[0].keys, atol=1e-5)
     a, b = greedy(model, ca.input_ids, ca), greedy(model, nk.input_ids, nk)
     assert (a.logits[0] - b.logits[0]).abs().max().item() > 1e-3
 
