@@ -166,7 +166,8 @@ def test_two_processes_share_a_directory(tmp_path):
 
 # ---- soak ---------------------------------------------------------------------------------------------------------
 def test_soak_1000_sessions_with_faults(tmp_path):
-    """1,000 ShareGPT sessions through the store with corruptions, crashes and refused writes injected."""
+    """1,000 ShareGPT sessions through the store with corruptions, process deaths between writes (DRAM lost) and
+    refused writes injected."""
     cfg = SimConfig(sessions=1000, rate=4.0)
     ops = build_trace(load_turns(1000), cfg)
     rng = random.Random(1)
@@ -190,7 +191,8 @@ def test_soak_1000_sessions_with_faults(tmp_path):
                 data[rng.randrange(len(data))] ^= 0xFF
                 victim.write_bytes(bytes(data))
                 faults["corrupt"] += 1
-            elif roll < 0.015:  # the process dies: no close(), DRAM lost, a new store on the same directory
+            elif roll < 0.015:  # the process dies between writes: no close(), DRAM lost, a new store on the same
+                # directory (a write cut off midway is test_sigkill_at_random_points_never_leaves_a_torn_record's)
                 store._pool.shutdown(wait=True)
                 store = AttentionStore(StoreConfig(**conf))
                 faults["crash"] += 1
