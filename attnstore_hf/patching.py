@@ -68,6 +68,14 @@ class ModelPatch:
     #: prefix of the table for [0, m), so one table serves every turn ("dynamic" and "longrope" are recomputed)
     STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 
+    def _rope_types(self, model: nn.Module) -> set:
+        types = getattr(self.adapter.decoder(model).rotary_emb, "rope_type", None)
+        return set(types.values()) if isinstance(types, dict) else {types}
+
+    def static_rope(self, model: nn.Module) -> bool:
+        """Whether the rotary frequencies are the same at every length (no :meth:`rope_regime` to tell apart)."""
+        return self._rope_types(model) <= self.STATIC_ROPE
+
     def rope_regime(self, model: nn.Module, length: int) -> str | None:
         """Which rotary frequencies a forward over ``length`` tokens uses, for rope types whose frequencies depend on
         the length (``longrope``: short or long factors past ``original_max_position_embeddings``; ``dynamic``:
@@ -76,8 +84,7 @@ class ModelPatch:
         first layer only, the deeper ones carry the old frequencies in their hidden states — so a record is reused
         only under its own regime."""
         rotary = self.adapter.decoder(model).rotary_emb
-        types = getattr(rotary, "rope_type", None)
-        types = set(types.values()) if isinstance(types, dict) else {types}
+        types = self._rope_types(model)
         if types <= self.STATIC_ROPE:
             return None
         config = getattr(model.config, "get_text_config", lambda: model.config)()

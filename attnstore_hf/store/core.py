@@ -500,7 +500,7 @@ class AttentionStore:
         tail_ok = not any(isinstance(layer, SlidingLayer) for layer in cache.layers)
         # `both` recomputes the first tokens in a forward of their own, shorter than the turn: not where the rotary
         # frequencies depend on the length (longrope, dynamic)
-        both_ok = cache._patch.rope_regime(model, 1) is None
+        both_ok = cache._patch.static_rope(model)
         plan = self.cost.choose(tier, nbytes, n, self.config.restore_mode, accelerator=device.type != "cpu",
                                 can_split=plain and not carried, new_tokens=max(total_len - n, 0),
                                 layerwise=self.config.layerwise, can_tail=tail_ok, can_recompute=not carried,
