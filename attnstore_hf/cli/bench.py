@@ -164,15 +164,14 @@ def _copied_bytes(make, prompt, k, steps: int, raw: bool) -> int:
     """Bytes of K/V a layer moved to new memory over ``steps`` decode steps: whenever the keys' storage changes,
     the tokens it then holds (keys and values, and the pre-RoPE keys of the working cache) were copied there."""
     layer = make()
-    extra = {"raw_keys": prompt} if raw else {}
-    layer.update(prompt, prompt, **extra)
+    kw = (lambda x: {"raw_keys": x}) if raw else (lambda x: {})
+    layer.update(prompt, prompt, **kw(prompt))
     where, moved = layer.keys.untyped_storage().data_ptr(), 0
     for _ in range(steps):
-        layer.update(k, k, **({"raw_keys": k} if raw else {}))
+        layer.update(k, k, **kw(k))
         now = layer.keys.untyped_storage().data_ptr()
-        if now != where:
-            held = layer.keys.nbytes + layer.values.nbytes
-            moved += held + (held // 2 if raw else 0)
+        if now != where:  # the pre-RoPE keys (raw) are the keys' size
+            moved += layer.keys.nbytes * (2 if raw else 1) + layer.values.nbytes
             where = now
     return moved
 
