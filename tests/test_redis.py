@@ -468,3 +468,38 @@ def test_a_record_fetched_from_redis_reaches_the_local_disk(policy, redis_server
     assert torch.equal(got.sequences, ref.sequences)
     assert logit_diff(got, ref) <= TOL
     local.close()
+
+
+def test_an_older_record_never_lands_in_redis_after_a_newer_one(redis_server, tmp_path):
+    """With several writer threads, two saves of one session were published by two threads at once: the older
+    record, slower to upload, committed its manifest last, and every other replica resumed from it. Now writes of a
+    session run one at a time and an older one asked before a newer is skipped."""
+    model = tiny_model("llama")
+    store = AttentionStore(StoreConfig(disk_dir=None, redis_url=redis_server.url, save_workers=4))
+    put, calls = store.redis.put_bytes, []
+
+    def slow_first(*args, **kwargs):  # the first of the burst takes longer (a bigger record, a busy link)
+        calls.append(kwargs["tokens"])
+        if len(calls) == 2:
+            time.sleep(0.5)
+        return put(*args, **kwargs)
+
+    store.redis.put_bytes = slow_first
+    ids = random_ids(12, 0)
+    _, out = _turn(model, store, ids)
+    for step in range(3):  # three more turns saved back to back, without waiting for the writes
+        ids = torch.cat([out.sequences, random_ids(3, step + 1)], 1)
+        cache = store.cache_for(model, "s", ids)
+        out = greedy(model, cache.input_ids, cache)
+        store.save("s", cache, out.sequences)
+    store.flush()
+    fp = store.get_record("s")[0].fingerprint
+    assert store.redis.head(store._key("s"), fp)["tokens"] == out.sequences.shape[1] - 1
+    store.close()
+    # and another replica resumes the newest turn from it
+    other = AttentionStore(StoreConfig(disk_dir=None, redis_url=redis_server.url))
+    nxt = torch.cat([out.sequences, random_ids(2, 9)], 1)
+    cache = other.cache_for(model, "s", nxt)
+    assert cache.source == "redis" and cache.reused_tokens == out.sequences.shape[1] - 1
+    assert logit_diff(greedy(model, nxt, cache), greedy(model, nxt)) <= TOL
+    other.close()

@@ -304,7 +304,7 @@ def test_a_disk_write_asked_for_after_another_of_the_session_wins(tmp_path):
     with AttentionStore(StoreConfig(disk_dir=tmp_path / "kv", save_workers=2, write_policy="write_back")) as store:
         out, old = saved_turn(model, store, random_ids(10, 1))
         _, new = saved_turn(model, store, torch.cat([out.sequences, random_ids(5, 2)], 1))
-        lock = store._write_locks[hash(old.key) % len(store._write_locks)]
+        lock = store._disk_order.lock(old.key)
         with lock:
             store._write_disk_async(old)
             store._write_disk_async(new)
@@ -312,3 +312,4 @@ def test_a_disk_write_asked_for_after_another_of_the_session_wins(tmp_path):
         store.flush()
         assert store.disk.get(new.key).token_ids == new.token_ids
         assert store.stats()["disk_writes"] == 1
+        assert len(store._disk_order) == 0  # no write queued: nothing kept of the session's write order

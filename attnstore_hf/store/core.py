@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import threading
@@ -66,6 +67,48 @@ def _as_ids(input_ids) -> torch.Tensor:
 def _stripe(locks: list, key: str) -> threading.Lock:
     """The lock of ``key`` among ``locks`` (a fixed set shared by all sessions: no lock per session to clean up)."""
     return locks[hash(key) % len(locks)]
+
+
+class _WriteOrder:
+    """The order of one tier's asynchronous writes, per session: each write asked for gets a number from one
+    counter; a write older than the newest asked for is skipped (that one writes). A session's entry lives while
+    one of its writes is queued, so the bookkeeping is bounded by the writes in flight, not by the sessions ever
+    seen. Writes of one session also run one at a time (``lock``): with ``save_workers`` > 1 an older record could
+    otherwise land last."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._counter = itertools.count(1)
+        self._asked: dict[str, list[int]] = {}  # key -> [newest write number, writes queued]
+        self._locks = [threading.Lock() for _ in range(64)]
+
+    def ask(self, key: str) -> int:
+        with self._mutex:
+            n = next(self._counter)
+            entry = self._asked.setdefault(key, [0, 0])
+            entry[0] = n
+            entry[1] += 1
+            return n
+
+    def superseded(self, key: str, n: int) -> bool:
+        with self._mutex:
+            entry = self._asked.get(key)
+            return entry is not None and entry[0] > n
+
+    def done(self, key: str) -> None:
+        with self._mutex:
+            entry = self._asked.get(key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._asked[key]
+
+    def lock(self, key: str) -> threading.Lock:
+        return _stripe(self._locks, key)
+
+    def __len__(self) -> int:
+        with self._mutex:
+            return len(self._asked)
 
 
 def _unstorable(cache: AttentionStoreCache) -> str | None:
@@ -141,8 +184,8 @@ class AttentionStore:
         self._writing: dict[str, SessionRecord] = {}  # records on their way to disk: still served
         # disk writes of one session run one at a time, in the order they were asked for, and a write a newer one
         # was asked after is skipped (with save_workers > 1 an older record could otherwise land last)
-        self._disk_gen: dict[str, int] = {}
-        self._write_locks = [threading.Lock() for _ in range(64)]
+        self._disk_order = _WriteOrder()
+        self._redis_order = _WriteOrder()  # (the same for the shared tier: Redis keeps whichever commits last)
         # a session's version: bumped by every save and drop. A record read from a lower tier (prefetch, a lookup's
         # promotion, a streamed restore) goes into DRAM only if the version did not change while it was read:
         # else an older record would replace the newer one, or bring a dropped session back
@@ -281,18 +324,25 @@ class AttentionStore:
                 pass
             return None
 
-    def _write_redis(self, rec: SessionRecord) -> None:
+    def _write_redis(self, rec: SessionRecord, gen: int) -> None:
+        """Publish ``rec`` to Redis, unless a newer record of the session was asked to be published since (that one
+        is: Redis keeps whichever write commits last, so an older one must not run after it)."""
         from .redis import RedisUnavailable
 
         try:
-            far = self._far_copy(rec)
-            n = self.redis.put_bytes(rec.key, rec.fingerprint, far.to_bytes(), tokens=rec.num_tokens,
-                                     turn=rec.meta.get("turn"))
+            with self._redis_order.lock(rec.key):
+                if self._redis_order.superseded(rec.key, gen):
+                    return
+                far = self._far_copy(rec)
+                n = self.redis.put_bytes(rec.key, rec.fingerprint, far.to_bytes(), tokens=rec.num_tokens,
+                                         turn=rec.meta.get("turn"))
         except RedisUnavailable as exc:
             self._count("redis_errors")
             log.warning("session %r: could not publish the record to Redis (%s); local tiers keep it",
                         rec.session_id, exc)
             return
+        finally:
+            self._redis_order.done(rec.key)
         self._count("redis_writes")
         self._count("bytes_written_redis", n)
 
@@ -781,7 +831,7 @@ class AttentionStore:
         if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
             self._write_disk_async(rec)
         if self.redis is not None and rec.fingerprint:
-            self._submit(self._write_redis, rec)
+            self._write_redis_async(rec)
         self._count("saves")
         log.debug("session %r: saved %d tokens (%d bytes)%s", rec.session_id, rec.num_tokens, rec.nbytes,
                   "" if kept else " straight to disk (no room in DRAM)")
@@ -843,14 +893,24 @@ class AttentionStore:
         return kept
 
     def _write_disk_async(self, rec: SessionRecord) -> None:
-        with self._lock:
+        with self._lock:  # (one step: the record lookups find among the writes is the newest one asked for)
             self._writing[rec.key] = rec
-            gen = self._disk_gen[rec.key] = self._disk_gen.get(rec.key, 0) + 1
-        self._submit(functools.partial(self._write_disk, gen=gen), rec)
+            gen = self._disk_order.ask(rec.key)
+        self._submit(functools.partial(self._write_disk, gen=gen), rec, order=self._disk_order)
 
-    def _submit(self, fn, rec: SessionRecord) -> None:
-        """Run ``fn(rec)`` on a writer thread; :meth:`flush` waits for it."""
-        fut = self._pool.submit(fn, rec)
+    def _write_redis_async(self, rec: SessionRecord) -> None:
+        self._submit(functools.partial(self._write_redis, gen=self._redis_order.ask(rec.key)), rec,
+                     order=self._redis_order)
+
+    def _submit(self, fn, rec: SessionRecord, order: _WriteOrder | None = None) -> None:
+        """Run ``fn(rec)`` on a writer thread; :meth:`flush` waits for it. (``order``: the write was counted there;
+        if it cannot be queued it is not.)"""
+        try:
+            fut = self._pool.submit(fn, rec)
+        except BaseException:
+            if order is not None:
+                order.done(rec.key)
+            raise
         with self._lock:
             self._pending.add(fut)
         fut.add_done_callback(self._done)
@@ -868,10 +928,10 @@ class AttentionStore:
         """Write ``rec`` to disk; ``gen``: its place among this session's asynchronous writes (skipped if a newer
         one was asked for: that one writes; or if the session was saved or dropped since ``rec`` went into DRAM:
         a demotion queued just after a drop() brought the session back)."""
-        with _stripe(self._write_locks, rec.key):
+        with self._disk_order.lock(rec.key):
             try:
                 with self._lock:
-                    superseded = gen is not None and (gen < self._disk_gen.get(rec.key, 0) or getattr(
+                    superseded = gen is not None and (self._disk_order.superseded(rec.key, gen) or getattr(
                         rec, "_version", None) not in (None, self._versions.get(rec.key, 0)))
                 if not superseded:
                     self._write_disk_now(rec)
@@ -879,6 +939,8 @@ class AttentionStore:
                 with self._lock:
                     if self._writing.get(rec.key) is rec:
                         del self._writing[rec.key]
+                if gen is not None:
+                    self._disk_order.done(rec.key)
 
     def _write_disk_now(self, asked: SessionRecord) -> None:
         rec = self._far_copy(asked)  # (another object when disk_codec differs)
@@ -1068,7 +1130,7 @@ class AttentionStore:
             self._bump(key)  # a read of a lower tier in flight does not bring the session back
             self.dram.remove(key)
         if self.disk is not None:  # after a write under way (its file is removed), before one queued (skipped)
-            with _stripe(self._write_locks, key):
+            with self._disk_order.lock(key):
                 self.disk.remove(key)
         with self._lock:
             self._writing.pop(key, None)
