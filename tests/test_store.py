@@ -510,3 +510,46 @@ def test_put_record_checks_the_layout_and_counts_the_ttl_from_now(tmp_path):
     store.put_record(old)
     assert time.time() - store.get_record("c")[0].meta["saved_at"] < 60
     store.close()
+
+
+@pytest.mark.parametrize("write_policy", ["write_back", "write_through"])
+def test_bookkeeping_of_sessions_held_nowhere_is_trimmed(tmp_path, monkeypatch, write_policy):
+    """A long-running server sees millions of conversations: the store kept a version and the policy an access time
+    for every session it ever saved, held or not (~300 bytes each, for good). Those of sessions held nowhere are
+    now forgotten, and what is held is served as before, in the policy's order."""
+    from attnstore_hf.store import core
+
+    monkeypatch.setattr(core, "TRIM_SESSIONS", 8, raising=False)
+    probe = make(tmp_path / "probe", "lru")
+    probe.put_record(rec("s999", salt=999))  # (a header as long as the longest here)
+    probe.flush()
+    file_bytes = probe.disk.used
+    probe.close()
+    store = make(tmp_path, "lru", dram_records=3, disk=5 * file_bytes, write_policy=write_policy)
+    saved, dropped = [], set()
+    for i in range(200):
+        store.put_record(rec(f"s{i}", salt=i))
+        if i % 10 == 0:
+            store.flush()
+            store.drop(f"s{i}")
+            dropped.add(f"s{i}")
+        else:
+            saved.append(f"s{i}")
+    store.flush()
+    assert len(store._versions) <= 40 and len(store.policy.last_access) <= 40  # not 200
+
+    def holds(s, sid):  # (without a lookup: that would promote and touch)
+        key = session_key(s.namespace, sid)
+        return s.dram.contains(key) or key in s.disk.keys()
+
+    held = [sid for sid in saved if holds(store, sid)]
+    assert held == saved[-len(held):] and len(held) >= 5  # the newest ones: the LRU order survived the trims
+    assert not any(holds(store, sid) for sid in dropped)
+    for sid in held:
+        assert same(store.get_record(sid)[0], rec(sid, salt=int(sid[1:])))
+    store.close()
+    with make(tmp_path, "lru", dram_records=3, disk=5 * file_bytes) as again:  # what the disk kept, intact
+        found = [sid for sid in saved if holds(again, sid)]
+        assert len(found) >= 4 and set(found) <= set(held)
+        for sid in found:
+            assert same(again.get_record(sid)[0], rec(sid, salt=int(sid[1:])))

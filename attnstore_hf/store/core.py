@@ -37,6 +37,7 @@ _COUNTERS = (
 
 
 SIZED_SESSIONS = 4096  # sessions whose latest record size the windows' mean record size is taken over
+TRIM_SESSIONS = 65536  # sessions held nowhere whose bookkeeping may pile up before it is trimmed
 
 
 def _as_ids(input_ids) -> torch.Tensor:
@@ -105,6 +106,11 @@ class _WriteOrder:
 
     def lock(self, key: str) -> threading.Lock:
         return _stripe(self._locks, key)
+
+    def keys(self) -> set[str]:
+        """The sessions with a write queued or under way."""
+        with self._mutex:
+            return set(self._asked)
 
     def __len__(self) -> int:
         with self._mutex:
@@ -189,7 +195,15 @@ class AttentionStore:
         # a session's version: bumped by every save and drop. A record read from a lower tier (prefetch, a lookup's
         # promotion, a streamed restore) goes into DRAM only if the version did not change while it was read:
         # else an older record would replace the newer one, or bring a dropped session back
+        # Versions come from one counter, so the entries of sessions held nowhere can be forgotten
+        # (:meth:`_trim_bookkeeping`): a session without an entry reads as the highest version forgotten so far —
+        # a read in flight across a forgetting then sees a change and is not promoted (a promotion missed, never
+        # an old record brought back)
         self._versions: dict[str, int] = {}
+        self._version_clock = itertools.count(1)
+        self._version_floor = 0
+        self._trim_lock = threading.Lock()
+        self._trim_at = TRIM_SESSIONS
         self._dram_locks = [threading.Lock() for _ in range(64)]
         self._fingerprints: set[str] = set()  # of the models this store served: drop() finds Redis keys by them
         self._prefetching: set[str] = set()
@@ -826,26 +840,58 @@ class AttentionStore:
         with self._dram_lock(rec.key):
             self._bump(rec.key)
             kept = self._put_dram(rec)
+            if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
+                self._write_disk_async(rec)  # (asked for under the lock: see _trim_bookkeeping)
         if rec.fingerprint:
             self._fingerprints.add(rec.fingerprint)
-        if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
-            self._write_disk_async(rec)
         if self.redis is not None and rec.fingerprint:
             self._write_redis_async(rec)
         self._count("saves")
         log.debug("session %r: saved %d tokens (%d bytes)%s", rec.session_id, rec.num_tokens, rec.nbytes,
                   "" if kept else " straight to disk (no room in DRAM)")
+        self._trim_bookkeeping()
 
     def _dram_lock(self, key: str) -> threading.Lock:
         return _stripe(self._dram_locks, key)
 
     def _bump(self, key: str) -> None:
         with self._lock:
-            self._versions[key] = self._versions.get(key, 0) + 1
+            self._versions.pop(key, None)  # (re-inserted: the dict stays in the order of the last changes)
+            self._versions[key] = next(self._version_clock)
 
     def _version(self, key: str) -> int:
         with self._lock:
-            return self._versions.get(key, 0)
+            return self._versions.get(key, self._version_floor)
+
+    def _trim_bookkeeping(self) -> None:
+        """Forget the version and the policy's access time of sessions the store holds nowhere any more (not in
+        DRAM, not on disk, no write, save or staged turn of them under way), once there are more than twice as
+        many as after the last trim (so the work is amortized): a server seeing millions of conversations keeps
+        bookkeeping for the ones it holds, not for every one it ever served. Called with no lock held; holds
+        every DRAM lock while it runs (a record leaving DRAM has its disk write asked for under its lock)."""
+        with self._lock:
+            if len(self._versions) + len(self.policy.last_access) <= self._trim_at or self._closing:
+                return
+        if not self._trim_lock.acquire(blocking=False):
+            return  # another thread is trimming
+        try:
+            for lock in self._dram_locks:  # (always in this order; no other code holds two of them)
+                lock.acquire()
+            try:
+                held = set(self.dram.keys()) | set(self.disk.keys() if self.disk is not None else ())
+                with self._lock:
+                    busy = set(self._saving) | set(self._staged) | set(self._writing) | self._prefetching
+                    busy |= self._disk_order.keys()
+                    for key in [k for k in self._versions if k not in busy and not self.dram.contains(k)]:
+                        self._version_floor = max(self._version_floor, self._versions.pop(key))
+                self.policy.forget_unplaced(lambda k: k not in busy and k not in held)
+                with self._lock:
+                    self._trim_at = max(TRIM_SESSIONS, 2 * (len(self._versions) + len(self.policy.last_access)))
+            finally:
+                for lock in self._dram_locks:
+                    lock.release()
+        finally:
+            self._trim_lock.release()
 
     def _promote(self, rec: SessionRecord, since: int | None, protect=None, shared: bool = False) -> bool:
         """Put ``rec``, read from a lower tier, into DRAM unless the session was saved or dropped since version
@@ -875,7 +921,8 @@ class AttentionStore:
         larger than DRAM, nor if (with a disk below) it would push out a session the queue protects. Called under
         the session's DRAM lock, its version current: a write of ``rec`` is skipped once a save or a drop of the
         session came after (see :meth:`_write_disk`)."""
-        rec._version = self._version(rec.key)
+        with self._lock:  # its version has an entry from now on: forgetting another session leaves it as it is
+            rec._version = self._versions.setdefault(rec.key, self._version_floor)
         evicted = self.dram.put(rec, protect=self._protect_dram if protect is None else protect,
                                 yield_to_protected=self.disk is not None)
         kept = True
@@ -932,7 +979,7 @@ class AttentionStore:
             try:
                 with self._lock:
                     superseded = gen is not None and (self._disk_order.superseded(rec.key, gen) or getattr(
-                        rec, "_version", None) not in (None, self._versions.get(rec.key, 0)))
+                        rec, "_version", None) not in (None, self._versions.get(rec.key, self._version_floor)))
                 if not superseded:
                     self._write_disk_now(rec)
             finally:  # written, failed or skipped: lookups no longer find it among the writes under way
@@ -1124,6 +1171,7 @@ class AttentionStore:
                     self._count("redis_errors")
                     log.warning("session %r: could not remove its shared record from Redis (%s)", session_id, exc)
                     break
+        self._trim_bookkeeping()
 
     def _forget(self, key: str) -> None:
         with self._dram_lock(key):

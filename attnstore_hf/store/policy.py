@@ -47,6 +47,14 @@ class Policy:
             for tier in ("dram", "disk"):
                 self.inserted.pop((tier, key), None)
 
+    def forget_unplaced(self, absent) -> None:
+        """Forget the access times of the keys in no tier for which ``absent(key)`` is true (the store trims what it
+        keeps of sessions it no longer holds)."""
+        with self._lock:
+            placed = {key for _, key in self.inserted}
+            for key in [k for k in self.last_access if k not in placed and absent(k)]:
+                del self.last_access[key]
+
     def plan(self, queue: list[str]) -> None:
         """The serving queue's look-ahead (keys, head first). Ignored by queue-blind policies."""
 
