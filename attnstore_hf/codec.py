@@ -7,6 +7,11 @@ import torch
 from .errors import ConfigError
 
 CODECS = ("none", "bf16", "fp16", "int8", "fp8")
+#: tokens per block of the quantized codecs' per-channel key scales. A block's scales are its own: a conversation's
+#: next record re-encodes its earlier (already quantized) blocks to exactly the same codes, where one scale over
+#: all tokens changed whenever a turn brought a larger key and rounded every earlier key again (the error grew
+#: turn by turn). Records of before 2026-11-27 (eighth session) have one block of any length: still read.
+KEY_BLOCK = 64
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 _FP8_MAX = 448.0
 
@@ -29,17 +34,34 @@ def encode(keys: torch.Tensor, values: torch.Tensor, codec: str) -> dict[str, to
         return {"k": keys.to(dt), "v": values.to(dt)}
     kf, vf = keys.float(), values.float()
     top = 127.0 if codec == "int8" else _FP8_MAX
-    ks = (kf.abs().amax(dim=-2, keepdim=True) / top).clamp_min(1e-12)  # [B, H, 1, D]: per channel
+    n = kf.shape[-2]
+    blocks = max(1, -(-n // KEY_BLOCK))
+    padded = torch.nn.functional.pad(kf.abs(), (0, 0, 0, blocks * KEY_BLOCK - n))
+    amax = padded.unflatten(-2, (blocks, KEY_BLOCK)).amax(dim=-2)
+    ks = (amax / top).clamp_min(1e-12)  # [B, H, blocks, D]: per channel, per block of KEY_BLOCK tokens
     vs = (vf.abs().amax(dim=-1, keepdim=True) / top).clamp_min(1e-12)  # [B, H, T, 1]: per token
+    kst = per_token_scales(ks, n)
     if codec == "int8":
-        k = torch.round(kf / ks).clamp_(-127, 127).to(torch.int8)
+        k = torch.round(kf / kst).clamp_(-127, 127).to(torch.int8)
         v = torch.round(vf / vs).clamp_(-127, 127).to(torch.int8)
     else:
-        k = (kf / ks).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
+        k = (kf / kst).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
         v = (vf / vs).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
     # the scales stay float32: in float16 a token whose values are all below ~0.008 (int8; ~0.03 fp8) lost
     # precision in its scale (fp8 scales under 6e-8 became 0), records before 2026-11-27 (sixth session) have them
     return {"k": k, "v": v, "ks": ks, "vs": vs}
+
+
+def key_scale_blocks(n_tokens: int) -> int:
+    """How many blocks of key scales a quantized layer of ``n_tokens`` tokens has."""
+    return max(1, -(-n_tokens // KEY_BLOCK))
+
+
+def per_token_scales(ks: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``[B, H, blocks, D]`` key scales as ``[B, H, n_tokens, D]`` (one block: ``[B, H, 1, D]``, broadcast)."""
+    if ks.shape[-2] == 1:
+        return ks
+    return ks.repeat_interleave(KEY_BLOCK, dim=-2)[:, :, :n_tokens]
 
 
 def decode(parts: dict[str, torch.Tensor], codec: str, dtype: torch.dtype, token_index=None,
@@ -64,6 +86,11 @@ def decode(parts: dict[str, torch.Tensor], codec: str, dtype: torch.dtype, token
     if codec in ("none", "bf16", "fp16"):
         return k.to(dtype), v.to(dtype)
     ks = parts["ks"].to(k.device, non_blocking=True)
+    if ks.shape[-2] > 1:  # per block: widened to the tokens on the device, then the same tokens selected
+        ks = per_token_scales(ks, parts["k"].shape[-2])
+        if isinstance(sel, torch.Tensor) and sel.device != ks.device:
+            sel = sel.pin_memory().to(ks.device, non_blocking=True) if ks.device.type == "cuda" else sel.to(ks.device)
+        ks = ks[:, :, sel]
     vs = move(parts["vs"])
     return (k.float() * ks).to(dtype), (v.float() * vs.float()).to(dtype)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load as st_load
 
+from .codec import key_scale_blocks
 from .errors import RecordError
 
 #: 2: tensor checksums are xxh3-128 (named in the header's ``checksum`` field); 1: sha256, still read
@@ -250,8 +251,8 @@ class SessionRecord:
                 raise RecordError(f"layer {i} does not match the header")
             ks, vs = tensors.get(f"ks.{i}"), tensors.get(f"vs.{i}")
             if codec in ("int8", "fp8"):
-                if ks is None or vs is None or tuple(ks.shape) != (*k.shape[:2], 1, k.shape[3]) \
-                        or tuple(vs.shape) != (*v.shape[:3], 1):
+                if ks is None or vs is None or tuple(vs.shape) != (*v.shape[:3], 1) or ks.dim() != 4 \
+                        or tuple(ks.shape) not in {(*k.shape[:2], b, k.shape[3]) for b in (1, key_scale_blocks(n))}:
                     raise RecordError(f"layer {i}: missing or misshapen quantization scales")
             layers.append(LayerKV(spec["kind"], int(spec["start"]), k, v, ks, vs))
         token_ids = [int(t) for t in head["token_ids"]]
