@@ -864,10 +864,10 @@ class AttentionStore:
             return self._versions.get(key, self._version_floor)
 
     def _trim_bookkeeping(self) -> None:
-        """Forget the version and the policy's access time of sessions the store holds nowhere any more (not in
-        DRAM, not on disk, no write, save or staged turn of them under way), once there are more than twice as
-        many as after the last trim (so the work is amortized): a server seeing millions of conversations keeps
-        bookkeeping for the ones it holds, not for every one it ever served. Called with no lock held; holds
+        """Forget the versions of sessions not in DRAM with nothing of them under way (a write, save, prefetch or
+        staged turn), and the policy's access times of those also not on disk, once there are more than twice as
+        many entries as after the last trim (so the work is amortized): a server seeing millions of conversations
+        keeps bookkeeping for the ones it holds, not for every one it ever served. Called with no lock held; holds
         every DRAM lock while it runs (a record leaving DRAM has its disk write asked for under its lock)."""
         with self._lock:
             if len(self._versions) + len(self.policy.last_access) <= self._trim_at or self._closing:
