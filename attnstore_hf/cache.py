@@ -872,12 +872,12 @@ def restore_jobs(cache: AttentionStoreCache, model, record, keep: torch.Tensor, 
                 if device.type == "cuda" and not (hk.is_contiguous() and hv.is_contiguous()):
                     hk = hv = None  # a strided slice of page-locked memory would be copied synchronously
             if hk is None:  # narrow or quantized data moves to the device first, then is decoded there
-                hk, hv = decode(parts, record.codec, dtype, sel, device)
+                hk, hv = decode(parts, record.codec, dtype, sel, device, lay.start)
             rk_dst.copy_(hk, non_blocking=True)
             v_dst.copy_(hv, non_blocking=True)
             apply_rope_into(k_dst, rk_dst, cos, sin)
         else:
-            raw, values = decode(parts, record.codec, dtype, sel, device)
+            raw, values = decode(parts, record.codec, dtype, sel, device, lay.start)
             out[i] = (apply_rope(raw, cos, sin), values, raw)
 
     def group_job(group, k_buf, v_buf, rk_buf):

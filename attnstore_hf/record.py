@@ -252,7 +252,8 @@ class SessionRecord:
             ks, vs = tensors.get(f"ks.{i}"), tensors.get(f"vs.{i}")
             if codec in ("int8", "fp8"):
                 if ks is None or vs is None or tuple(vs.shape) != (*v.shape[:3], 1) or ks.dim() != 4 \
-                        or tuple(ks.shape) not in {(*k.shape[:2], b, k.shape[3]) for b in (1, key_scale_blocks(n))}:
+                        or tuple(ks.shape) not in {(*k.shape[:2], b, k.shape[3])
+                                                   for b in (1, key_scale_blocks(n, int(spec["start"])))}:
                     raise RecordError(f"layer {i}: missing or misshapen quantization scales")
             layers.append(LayerKV(spec["kind"], int(spec["start"]), k, v, ks, vs))
         token_ids = [int(t) for t in head["token_ids"]]
@@ -379,8 +380,8 @@ def transcode(record: SessionRecord, codec: str) -> SessionRecord:
     dtype = _DTYPES[record.dtype]
     layers = []
     for lay in record.layers:
-        k, v = decode(lay.parts(), record.codec, dtype)
-        p = encode(k, v, codec)
+        k, v = decode(lay.parts(), record.codec, dtype, start=lay.start)
+        p = encode(k, v, codec, lay.start)
         layers.append(LayerKV(lay.kind, lay.start, p["k"], p["v"], p.get("ks"), p.get("vs")))
     return SessionRecord(record.namespace, record.session_id, record.fingerprint, record.dtype,
                          list(record.token_ids), layers, dict(record.meta), codec)

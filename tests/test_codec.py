@@ -189,15 +189,48 @@ def test_records_with_one_key_scale_block_are_still_read(tmp_path):
         SessionRecord.from_bytes(record(ks.expand(1, 2, 2, 16).contiguous()).to_bytes())
 
 
-def test_selected_tokens_decode_with_their_own_blocks_scales():
-    from attnstore_hf.codec import KEY_BLOCK, per_token_scales
+@pytest.mark.parametrize("start", [0, 60])
+def test_selected_tokens_decode_with_their_own_blocks_scales(start):
+    from attnstore_hf.codec import KEY_BLOCK, key_scale_blocks, per_token_scales
 
     torch.manual_seed(1)
-    k = torch.randn(1, 2, 2 * KEY_BLOCK + 7, 16) * torch.linspace(0.1, 50, 2 * KEY_BLOCK + 7).view(1, 1, -1, 1)
-    parts = encode(k, k, "int8")
-    whole, _ = decode(parts, "int8", torch.float32)
+    n = 2 * KEY_BLOCK + 7
+    k = torch.randn(1, 2, n, 16) * torch.linspace(0.1, 50, n).view(1, 1, -1, 1)
+    parts = encode(k, k, "int8", start)
+    assert parts["ks"].shape[2] == key_scale_blocks(n, start) == (3 if start == 0 else 4)
+    whole, _ = decode(parts, "int8", torch.float32, start=start)
     for sel in (slice(KEY_BLOCK - 3, KEY_BLOCK + 70), torch.tensor([0, KEY_BLOCK, 2 * KEY_BLOCK + 6])):
-        assert torch.equal(decode(parts, "int8", torch.float32, sel)[0], whole[:, :, sel])
+        assert torch.equal(decode(parts, "int8", torch.float32, sel, start=start)[0], whole[:, :, sel])
     # each key is rounded to its own block's scale (half a step at most), not to a scale over all tokens
-    assert ((whole - k).abs() / per_token_scales(parts["ks"], k.shape[-2])).max() <= 0.5 + 1e-4
-    assert torch.equal(parts["ks"][:, :, 0], (k[:, :, :KEY_BLOCK].abs().amax(-2) / 127))
+    assert ((whole - k).abs() / per_token_scales(parts["ks"], n, start)).max() <= 0.5 + 1e-4
+    first = KEY_BLOCK - start % KEY_BLOCK  # the tokens in the first block: those before the next multiple of 64
+    assert torch.equal(parts["ks"][:, :, 0], (k[:, :, :first].abs().amax(-2) / 127))
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_a_conversation_keeps_its_key_codes_turn_after_turn(codec, store_factory):
+    """Through the store, turn after turn, each turn restored from the int8/fp8 record and saved again: a key
+    block (aligned to the tokens' positions) that two records both hold whole has the same codes in both — in the
+    full-attention layers and in the sliding ones, whose window starts somewhere else each turn."""
+    from attnstore_hf.codec import KEY_BLOCK
+
+    model = tiny_model("gemma3", sliding_window=2 * KEY_BLOCK + 20)
+    store = store_factory(codec=codec, disk_dir=None)
+    ids, before, compared = random_ids(30, 0), None, 0
+    for turn in range(9):
+        cache = store.cache_for(model, "s", ids)
+        out = greedy(model, ids, cache, new=3)
+        rec = store.save("s", cache, out.sequences).result()
+        if before is not None:
+            for old, new in zip(before.layers, rec.layers):
+                for b in range(-(-(old.start + old.length) // KEY_BLOCK)):
+                    lo, hi = b * KEY_BLOCK, (b + 1) * KEY_BLOCK
+                    if old.start <= lo and hi <= old.start + old.length and new.start <= lo:
+                        a = old.keys[:, :, lo - old.start : hi - old.start]
+                        c = new.keys[:, :, lo - new.start : hi - new.start]
+                        assert torch.equal(a.view(torch.uint8), c.view(torch.uint8)), (turn, b)
+                        compared += 1
+        before = rec
+        ids = torch.cat([out.sequences, random_ids(40, turn + 1)], 1)
+    kinds = {lay.kind for lay in before.layers}
+    assert compared >= 20 and kinds == {"full", "sliding"}, (compared, kinds)

@@ -77,8 +77,8 @@ class Snapshot:
                     stream = side_stream(self.device, "save")
                     with torch.cuda.stream(stream):
                         stream.wait_event(self._ready)
-                        for raw, values, _ in self.raws:
-                            parts = encode(raw, values, self.codec)
+                        for raw, values, start in self.raws:
+                            parts = encode(raw, values, self.codec, start)
                             out.append({k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
                                 t, non_blocking=True) for k, t in parts.items()})
                             raw.record_stream(stream)  # not handed out again before the copy has read them
@@ -89,8 +89,8 @@ class Snapshot:
                     self._copied.set()
                     self._event.synchronize()
                     return out
-                for raw, values, _ in self.raws:
-                    parts = encode(raw.detach(), values.detach(), self.codec)
+                for raw, values, start in self.raws:
+                    parts = encode(raw.detach(), values.detach(), self.codec, start)
                     out.append({k: t.to("cpu", copy=True) for k, t in parts.items()})
             return out
         finally:
