@@ -35,20 +35,23 @@ def encode(keys: torch.Tensor, values: torch.Tensor, codec: str, start: int = 0)
     if codec in ("bf16", "fp16"):
         dt = torch.bfloat16 if codec == "bf16" else torch.float16
         return {"k": keys.to(dt), "v": values.to(dt)}
-    kf, vf = keys.float(), values.float()
+    kf = keys.to(torch.float32, copy=True)  # (scaled in place below)
+    vf = values.float()
     top = 127.0 if codec == "int8" else _FP8_MAX
     n, first = kf.shape[-2], start % KEY_BLOCK
-    blocks = key_scale_blocks(n, start)
-    padded = torch.nn.functional.pad(kf.abs(), (0, 0, first, blocks * KEY_BLOCK - first - n))
-    amax = padded.unflatten(-2, (blocks, KEY_BLOCK)).amax(dim=-2)
+    runs = _block_runs(first, n)
+    if runs:
+        amax = torch.cat([_blocked(kf, lo, hi, nb).abs().amax(dim=3) for lo, hi, _, nb in runs], dim=2)
+    else:
+        amax = kf.new_zeros((*kf.shape[:2], 1, kf.shape[3]))
     ks = (amax / top).clamp_min(1e-12)  # [B, H, blocks, D]: per channel, per block of KEY_BLOCK positions
     vs = (vf.abs().amax(dim=-1, keepdim=True) / top).clamp_min(1e-12)  # [B, H, T, 1]: per token
-    kst = per_token_scales(ks, n, start)
+    _scale_keys_(kf, ks, first, 0, divide=True)
     if codec == "int8":
-        k = torch.round(kf / kst).clamp_(-127, 127).to(torch.int8)
+        k = torch.round(kf).clamp_(-127, 127).to(torch.int8)
         v = torch.round(vf / vs).clamp_(-127, 127).to(torch.int8)
     else:
-        k = (kf / kst).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
+        k = kf.clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
         v = (vf / vs).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
     # the scales stay float32: in float16 a token whose values are all below ~0.008 (int8; ~0.03 fp8) lost
     # precision in its scale (fp8 scales under 6e-8 became 0), records before 2026-11-27 (sixth session) have them
@@ -60,13 +63,39 @@ def key_scale_blocks(n_tokens: int, start: int = 0) -> int:
     return max(1, -(-(start % KEY_BLOCK + n_tokens) // KEY_BLOCK))
 
 
-def per_token_scales(ks: torch.Tensor, n_tokens: int, start: int = 0) -> torch.Tensor:
-    """``[B, H, blocks, D]`` key scales as ``[B, H, n_tokens, D]`` for the tokens from position ``start`` (one
-    block: ``[B, H, 1, D]``, broadcast)."""
-    if ks.shape[-2] == 1:
-        return ks
-    first = start % KEY_BLOCK
-    return ks.repeat_interleave(KEY_BLOCK, dim=-2)[:, :, first:first + n_tokens]
+def _block_runs(first: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Tokens ``0 .. n-1``, the first at offset ``first`` in its block, as runs ``(lo, hi, block, blocks)``: the
+    part of a block before the first block boundary, the whole blocks, and the part of a block after the last
+    (``block``: the index of the run's first block, counted from the first token's block)."""
+    runs, i, b = [], 0, 0
+    if first and n:
+        i = min(n, KEY_BLOCK - first)
+        runs.append((0, i, 0, 1))
+        b = 1
+    whole = (n - i) // KEY_BLOCK
+    if whole:
+        runs.append((i, i + whole * KEY_BLOCK, b, whole))
+        i, b = i + whole * KEY_BLOCK, b + whole
+    if i < n:
+        runs.append((i, n, b, 1))
+    return runs
+
+
+def _blocked(x: torch.Tensor, lo: int, hi: int, blocks: int) -> torch.Tensor:
+    """Tokens ``lo .. hi-1`` of ``[B, H, T, D]`` as a ``[B, H, blocks, tokens per block, D]`` view."""
+    return x[:, :, lo:hi].unflatten(2, (blocks, (hi - lo) // blocks))
+
+
+def _scale_keys_(x: torch.Tensor, ks: torch.Tensor, first: int, block0: int, divide: bool = False) -> None:
+    """Multiply (or divide) the float32 keys ``x`` in place by their blocks' scales: ``x``'s first token is at
+    offset ``first`` in block ``block0`` of ``ks``. One operation per run of whole blocks (no per-token copy of
+    the scales)."""
+    if ks.shape[-2] == 1:  # one block (records written before the blocks, or short ones)
+        x.div_(ks) if divide else x.mul_(ks)
+        return
+    for lo, hi, b, nb in _block_runs(first, x.shape[-2]):
+        view, scale = _blocked(x, lo, hi, nb), ks[:, :, block0 + b:block0 + b + nb].unsqueeze(3)
+        view.div_(scale) if divide else view.mul_(scale)
 
 
 def decode(parts: dict[str, torch.Tensor], codec: str, dtype: torch.dtype, token_index=None,
@@ -92,11 +121,15 @@ def decode(parts: dict[str, torch.Tensor], codec: str, dtype: torch.dtype, token
     if codec in ("none", "bf16", "fp16"):
         return k.to(dtype), v.to(dtype)
     ks = parts["ks"].to(k.device, non_blocking=True)
-    if ks.shape[-2] > 1:  # per block: widened to the tokens on the device, then the same tokens selected
-        ks = per_token_scales(ks, parts["k"].shape[-2], start)
-        if isinstance(sel, torch.Tensor) and sel.device != ks.device:
-            sel = sel.pin_memory().to(ks.device, non_blocking=True) if ks.device.type == "cuda" else sel.to(ks.device)
-        ks = ks[:, :, sel]
+    kf, first = k.float(), start % KEY_BLOCK  # (a new tensor: scaled in place)
+    if ks.shape[-2] == 1 or isinstance(sel, slice):  # a run of tokens: their blocks' scales, run by run
+        g = first + (sel.start or 0 if isinstance(sel, slice) else 0)
+        _scale_keys_(kf, ks, g % KEY_BLOCK, g // KEY_BLOCK)
+    else:  # tokens picked one by one: each one's block
+        idx = sel
+        if idx.device != ks.device:
+            idx = idx.pin_memory().to(ks.device, non_blocking=True) if ks.device.type == "cuda" else idx.to(ks.device)
+        kf.mul_(ks.index_select(2, (idx + first) // KEY_BLOCK))
     vs = move(parts["vs"])
-    return (k.float() * ks).to(dtype), (v.float() * vs.float()).to(dtype)
+    return kf.to(dtype), (v.float() * vs.float()).to(dtype)
 
