@@ -70,6 +70,19 @@ def test_bench_sim_cli_writes_json(tmp_path):
     assert data["seeds_mean"] == data["seeds"]["1"]
 
 
+def test_bench_sim_table_shows_the_codecs_asked_for(tmp_path):
+    """``--codecs int8`` ran its replays and put them in the JSON's ``codecs``, but the printed table and
+    ``results`` showed the 16-bit rows only."""
+    out = tmp_path / "sim.json"
+    run_bench(tmp_path, "sim", "--sessions", "40", "--no-tokenizer", "--dram", "8GB", "--disk", "40GB", "--sweep",
+              "--codecs", "int8", "--json", out)
+    data = json.loads(out.read_text())
+    rows = {(r["codec"], r["policy"]): r["hit_rate"] for r in data["results"]}
+    assert set(rows) == {(c, p) for c in ("none", "int8") for p in ("lru", "fifo", "scheduler")}
+    assert all(rows[("int8", p)] == data["codecs"]["int8"][p]["hit_rate"] for p in ("lru", "fifo", "scheduler"))
+    assert "| int8 |" in (tmp_path / "sim.md").read_text()
+
+
 def test_flat_replay_is_textbook_lru_and_fifo():
     """Room for two equal records: A, B saved; A read and updated; C saved. LRU drops B (A was used since),
     FIFO drops A (first in; neither the read nor the update renews it)."""
