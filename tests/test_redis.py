@@ -503,3 +503,36 @@ def test_an_older_record_never_lands_in_redis_after_a_newer_one(redis_server, tm
     assert cache.source == "redis" and cache.reused_tokens == out.sequences.shape[1] - 1
     assert logit_diff(greedy(model, nxt, cache), greedy(model, nxt)) <= TOL
     other.close()
+
+
+def test_redis_gets_the_record_dram_got_last_when_two_threads_save_one_session(redis_server, tmp_path):
+    """Two threads committing records of one session (put_record, or save() with async_save off): the Redis write
+    was asked for after the DRAM lock was released, so a thread paused there let the other one's record go into
+    DRAM after its own yet be published before it: Redis kept the older record. Now asked for under the lock."""
+    import threading
+
+    from attnstore_hf.sim import synthetic_record
+
+    store = AttentionStore(StoreConfig(disk_dir=None, redis_url=redis_server.url))
+    a = synthetic_record("default", "s", list(range(10)), 16, salt=1)
+    b = synthetic_record("default", "s", list(range(12)), 16, salt=2)
+    ask, a_asking = store._write_redis_async, threading.Event()
+
+    def paused(rec):  # thread A is descheduled just before asking for its publication
+        if rec is a:
+            a_asking.set()
+            time.sleep(0.5)
+        ask(rec)
+
+    store._write_redis_async = paused
+    ta = threading.Thread(target=store.put_record, args=(a,))
+    ta.start()
+    assert a_asking.wait(5)
+    tb = threading.Thread(target=store.put_record, args=(b,))
+    tb.start()
+    ta.join()
+    tb.join()
+    store.flush()
+    in_dram = store.dram.peek(a.key)
+    assert store.redis.head(a.key, a.fingerprint)["tokens"] == in_dram.num_tokens
+    store.close()

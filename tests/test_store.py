@@ -553,3 +553,31 @@ def test_bookkeeping_of_sessions_held_nowhere_is_trimmed(tmp_path, monkeypatch, 
         assert len(found) >= 4 and set(found) <= set(held)
         for sid in found:
             assert same(again.get_record(sid)[0], rec(sid, salt=int(sid[1:])))
+
+
+def test_a_trim_does_not_make_saves_wait_for_a_disk_write(tmp_path, monkeypatch):
+    """The trim held every DRAM lock while it read the disk tier's index, whose lock a disk write holds through
+    its write, fsync and directory lock: every save and promotion waited for an unrelated write (or another
+    process's). It reads what the tiers hold before taking the DRAM locks now."""
+    import threading
+
+    from attnstore_hf.store import core
+
+    monkeypatch.setattr(core, "TRIM_SESSIONS", 0, raising=False)
+    store = make(tmp_path, "lru")
+    for i in range(5):
+        store.put_record(rec(f"s{i}", salt=i))
+    store.flush()
+    store._trim_at = 0
+    with store.disk._lock:  # a disk write under way
+        trim = threading.Thread(target=store._trim_bookkeeping)
+        trim.start()
+        time.sleep(0.2)  # the trim is waiting for the disk tier
+        save = threading.Thread(target=store.put_record, args=(rec("x"),))
+        save.start()
+        save.join(3)
+        saved = not save.is_alive()
+    trim.join(5)
+    save.join(5)
+    assert saved
+    store.close()

@@ -842,10 +842,10 @@ class AttentionStore:
             kept = self._put_dram(rec)
             if self.disk is not None and (self.config.write_policy == "write_through" or not kept):
                 self._write_disk_async(rec)  # (asked for under the lock: see _trim_bookkeeping)
+            if self.redis is not None and rec.fingerprint:
+                self._write_redis_async(rec)  # (in the order the session's records went into DRAM)
         if rec.fingerprint:
             self._fingerprints.add(rec.fingerprint)
-        if self.redis is not None and rec.fingerprint:
-            self._write_redis_async(rec)
         self._count("saves")
         log.debug("session %r: saved %d tokens (%d bytes)%s", rec.session_id, rec.num_tokens, rec.nbytes,
                   "" if kept else " straight to disk (no room in DRAM)")
@@ -875,10 +875,13 @@ class AttentionStore:
         if not self._trim_lock.acquire(blocking=False):
             return  # another thread is trimming
         try:
+            # what the tiers hold, read before the DRAM locks are taken (the disk tier's lock is held through a whole
+            # write: saves must not wait for it here); a session placed after this is in the policy's tiers, which
+            # forget_unplaced checks itself
+            held = set(self.dram.keys()) | set(self.disk.keys() if self.disk is not None else ())
             for lock in self._dram_locks:  # (always in this order; no other code holds two of them)
                 lock.acquire()
             try:
-                held = set(self.dram.keys()) | set(self.disk.keys() if self.disk is not None else ())
                 with self._lock:
                     busy = set(self._saving) | set(self._staged) | set(self._writing) | self._prefetching
                     busy |= self._disk_order.keys()
