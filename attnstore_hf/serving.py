@@ -23,6 +23,7 @@ class TurnResult:
     ttft_s: float
     turn_s: float
     first_token: int = -1
+    plan: dict | None = None  # attnstore modes: what the store chose for the turn (cache.restore_plan)
 
 
 @dataclass
@@ -93,4 +94,4 @@ class ServingLoop:
             self.peak_memory_bytes = max(self.peak_memory_bytes, self.store.dram.used)
         self.histories[session] = full
         return TurnResult(session, turn, ids.shape[1], reused, source, ttft, time.perf_counter() - t0,
-                          int(first[0, -1]))
+                          int(first[0, -1]), getattr(cache, "restore_plan", None))

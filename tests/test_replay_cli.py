@@ -27,4 +27,5 @@ def test_replay_every_mode_answers_like_recompute(tmp_path):
     for name in ("attnstore_lru", "attnstore_scheduler", "attnstore_scheduler_staged"):
         counts = modes[name]["store_counts"]  # every later turn restored: the misses are the 3 first turns
         assert counts["misses"] == 3 and counts["restore_recompute"] == 0 and counts["rejected_records"] == 0, counts
+        assert modes[name]["recomputed_turns"] == []  # (a turn the cost model recomputes is listed with its plan)
     assert (tmp_path / "replay.png").stat().st_size > 1000

@@ -406,6 +406,9 @@ def bench_replay(args) -> tuple[list[dict], dict]:
             # all passes: the cost model's choices, lookups not restored (first turns included), records rejected,
             # records dropped from disk for room
             "store_counts": choices[mode] or None,
+            # every pass: the turns the cost model chose to recompute, with what it predicted (which turn, why)
+            "recomputed_turns": [{"session": x.session, "turn": x.turn, "tokens": x.prompt_tokens, "plan": x.plan}
+                                 for x in rows if x.plan is not None and x.plan.get("choice") == "recompute"],
         }
         per_turn[mode] = [(x.turn, x.ttft_s) for x in rows]
     bar.close()
