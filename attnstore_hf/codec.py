@@ -123,7 +123,7 @@ def decode(parts: dict[str, torch.Tensor], codec: str, dtype: torch.dtype, token
     ks = parts["ks"].to(k.device, non_blocking=True)
     kf, first = k.float(), start % KEY_BLOCK  # (a new tensor: scaled in place)
     if ks.shape[-2] == 1 or isinstance(sel, slice):  # a run of tokens: their blocks' scales, run by run
-        g = first + (sel.start or 0 if isinstance(sel, slice) else 0)
+        g = first + ((sel.start or 0) if isinstance(sel, slice) else 0)
         _scale_keys_(kf, ks, g % KEY_BLOCK, g // KEY_BLOCK)
     else:  # tokens picked one by one: each one's block
         idx = sel

@@ -980,9 +980,8 @@ class AttentionStore:
         a demotion queued just after a drop() brought the session back)."""
         with self._disk_order.lock(rec.key):
             try:
-                with self._lock:
-                    superseded = gen is not None and (self._disk_order.superseded(rec.key, gen) or getattr(
-                        rec, "_version", None) not in (None, self._versions.get(rec.key, self._version_floor)))
+                superseded = gen is not None and (self._disk_order.superseded(rec.key, gen) or getattr(
+                    rec, "_version", None) not in (None, self._version(rec.key)))
                 if not superseded:
                     self._write_disk_now(rec)
             finally:  # written, failed or skipped: lookups no longer find it among the writes under way
