@@ -130,6 +130,23 @@ def test_hostile_session_ids_stay_inside_disk_dir(store_factory, tmp_path):
         assert fresh.cache_for(model, sid, seq).reused_tokens == seq.shape[1] - 9 - 1
 
 
+@pytest.mark.parametrize("bad", ["", None, 7, b"alice"])
+def test_every_method_refuses_an_empty_or_non_str_session_id(bad):
+    model = tiny_model("llama")
+    with AttentionStore(StoreConfig(disk_dir=None)) as store:
+        ids = first_turn(model, store)
+        cache = store.cache_for(model, "s", ids)
+        calls = {"get_record": lambda: store.get_record(bad), "cache_for": lambda: store.cache_for(model, bad, ids),
+                 "stage": lambda: store.stage(model, bad, ids), "save": lambda: store.save(bad, cache, ids),
+                 "record_from_cache": lambda: store.record_from_cache(bad, cache, ids),
+                 "history": lambda: store.history(bad), "drop": lambda: store.drop(bad),
+                 "plan": lambda: store.plan([bad])}
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match="session_id must be a non-empty str"):
+                call()
+        assert store.history("s") == ids[0, :-9].tolist()  # nothing was lost on the way
+
+
 def test_leftover_temp_files_are_cleaned_and_nobody_elses(store_factory, tmp_path):
     """A write interrupted by a crash leaves ``<key>.<pid>.<thread>.tmp``: removed at start. Files of the same
     directory that merely end in .tmp (a user's, another tool's) are not the store's to delete."""

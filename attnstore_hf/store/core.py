@@ -676,6 +676,7 @@ class AttentionStore:
     # ---- save ---------------------------------------------------------------------------------------------
     def record_from_cache(self, session_id: str, cache: AttentionStoreCache, sequences) -> SessionRecord:
         """Snapshot ``cache`` (host copies of its pre-RoPE K/V) as a record of ``sequences``' tokens (blocking)."""
+        session_id = _check_session_id(session_id)
         why = _unstorable(cache)
         if why:
             raise ValueError(f"this cache cannot be stored as the conversation's: {why}")
