@@ -21,6 +21,9 @@ MIN_GROWTH = 256
 #: geometric growth past MIN_GROWTH: amortised O(n) copying, at most 50% of a long cache's buffers unused (doubling
 #: would leave up to 100%, and hold 3x the history while it copies)
 GROWTH_FACTOR = 1.5
+#: a sliding layer keeping the tokens that left its window (``extra_tokens``) joins them into one chunk once it
+#: holds this many (one small copy per decode step otherwise)
+FALLEN_CHUNKS = 32
 #: A restore from page-locked DRAM on an accelerator handles consecutive full-attention layers in groups: one
 #: host-to-device copy per layer tensor, then one set of kernels (copy into the cache, RoPE) per group rather
 #: than per layer, so the host issues ~3x fewer operations (an eager forward at ~100 new tokens is launch-bound,
@@ -229,21 +232,70 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
 
 
 class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
-    """transformers' own sliding-window layer (same masks, same window), plus the pre-RoPE keys of its window."""
+    """transformers' own sliding-window layer (same masks, same window), plus the pre-RoPE keys of its window.
 
-    def __init__(self, sliding_window: int, **kwargs):
+    ``extra_tokens`` > 0: the pre-RoPE keys and values of up to that many tokens that left the window during this
+    cache's forwards are kept aside (attention never sees them) and stored with the window (:meth:`raw_state`),
+    so a later turn that goes back that far (an undone or edited last message) finds the window it needs."""
+
+    def __init__(self, sliding_window: int, extra_tokens: int = 0, **kwargs):
         super().__init__(sliding_window=sliding_window)
         self.raw_keys: torch.Tensor | None = None
         self._raw_ok = True
+        self.extra_tokens = int(extra_tokens)
+        self._fallen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pre-RoPE keys, values), oldest first
+        self._fallen_len = 0
 
     def update(self, key_states, value_states, *args, raw_keys=None, **kwargs):
+        keep = self.extra_tokens > 0 and raw_keys is not None and self._raw_ok
+        prev_values = self.values if keep and self.is_initialized else None
         out = super().update(key_states, value_states, *args, **kwargs)
         if raw_keys is None or not self._raw_ok:
             self._raw_ok = False
+            self._drop_fallen()
         else:
             prev = self.raw_keys if self.raw_keys is not None else raw_keys[:, :, :0]
-            self.raw_keys = self._align(torch.cat([prev, raw_keys], dim=-2), self.cumulative_length)
+            every = torch.cat([prev, raw_keys], dim=-2)
+            self.raw_keys = self._align(every, self.cumulative_length)
+            if keep:
+                self._keep_fallen(every, prev_values, value_states)
         return out
+
+    def _keep_fallen(self, every_raw, prev_values, value_states) -> None:
+        """Keep the last :attr:`extra_tokens` of the tokens this update pushed out of the window: the first ``f`` of
+        ``every_raw`` (what was held, then the new tokens), ``f`` = those no longer held."""
+        f = every_raw.shape[-2] - self.__dict__["_keys_"].shape[-2]
+        if f <= 0:
+            return
+        lo = max(0, f - self.extra_tokens)
+        held_before = 0 if prev_values is None else prev_values.shape[-2]
+        if f <= held_before:
+            values = prev_values[:, :, lo:f]
+        elif lo >= held_before:
+            values = value_states[:, :, lo - held_before: f - held_before]
+        else:
+            values = torch.cat([prev_values[:, :, lo:], value_states[:, :, : f - held_before]], dim=-2)
+        # copies: a view would keep the whole tensor it was cut from alive, one per decode step
+        self._fallen.append((every_raw[:, :, lo:f].clone(), values.clone()))
+        self._fallen_len += f - lo
+        if self._fallen_len > 2 * self.extra_tokens or len(self._fallen) > FALLEN_CHUNKS:
+            self._compact_fallen()
+
+    def _compact_fallen(self) -> None:
+        """One chunk of the last :attr:`extra_tokens` kept tokens (amortised: a copy per many decode steps)."""
+        chunks, n, extra = self._fallen, self._fallen_len, self.extra_tokens
+        while len(chunks) > 1 and n - chunks[0][0].shape[-2] >= extra:  # chunks wholly older than that: dropped
+            n -= chunks[0][0].shape[-2]
+            chunks = chunks[1:]
+        if len(chunks) > 1 or n > extra:
+            raw, values = (torch.cat([c[i] for c in chunks], dim=-2) for i in (0, 1))
+            if n > extra:  # (a copy, not a view holding the longer tensor)
+                raw, values = raw[:, :, -extra:].clone(), values[:, :, -extra:].clone()
+            chunks, n = [(raw, values)], raw.shape[-2]
+        self._fallen, self._fallen_len = chunks, n
+
+    def _drop_fallen(self) -> None:
+        self._fallen, self._fallen_len = [], 0
 
     def _align(self, raw: torch.Tensor, raw_end: int) -> torch.Tensor:
         """Slice ``raw`` (ending at absolute position ``raw_end``) to the positions ``self.keys`` covers."""
@@ -256,6 +308,7 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
         self.keys, self.values, self.raw_keys = keys, values, raw_keys
         self.cumulative_length = cumulative_length
         self._raw_ok = True
+        self._drop_fallen()
 
     def prepare(self, n: int, like_keys, like_values, cumulative_length: int) -> None:
         b, h, _, d = like_keys.shape
@@ -272,11 +325,13 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
         super().crop(int(tokens_to_remove))
         if self.raw_keys is not None and self.keys is not None:
             self.raw_keys = self._align(self.raw_keys, end_before)
+        self._drop_fallen()  # (they may no longer end where the window begins)
 
     def reset(self) -> None:
         super().reset()
         self.raw_keys = None
         self._raw_ok = True
+        self._drop_fallen()
 
     def raw_state(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         if not self._raw_ok or (self.raw_keys is None and self.cumulative_length):
@@ -284,13 +339,20 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
         if self.keys is None or self.raw_keys is None:  # never updated: nothing held
             empty = torch.empty(0)
             return empty, empty, self.cumulative_length
-        n = min(self.keys.shape[-2], self.sliding_window - 1)  # what the next forward needs: the window
         held = self.keys.shape[-2]
+        if self._fallen_len:  # the tokens that left the window, then everything held: one run of positions
+            self._compact_fallen()
+            raw, values = self._fallen[0]
+            n = held + raw.shape[-2]
+            return (torch.cat([raw, self.raw_keys], dim=-2), torch.cat([values, self.values], dim=-2),
+                    self.cumulative_length - n)
+        n = min(held, self.sliding_window - 1)  # what the next forward needs: the window
         return self.raw_keys[:, :, held - n :], self.values[:, :, held - n :], self.cumulative_length - n
 
     def _apply_batch(self, fn) -> None:
         if self.raw_keys is not None:
             self.raw_keys = fn(self.raw_keys)
+        self._fallen = [(fn(r), fn(v)) for r, v in self._fallen]
 
     def reorder_cache(self, beam_idx) -> None:
         super().reorder_cache(beam_idx)
@@ -320,12 +382,13 @@ def layer_kinds_for(model) -> list[int | None]:
     return kinds
 
 
-def _layers_for(patch: ModelPatch, model) -> list:
+def _layers_for(patch: ModelPatch, model, sliding_extra_tokens: int = 0) -> list:
     """One working layer per decoder layer, mirroring the layer kinds transformers' DynamicCache would pick (worked
     out once per model: building a reference cache costs more than a restore of a short history)."""
     if patch.layer_kinds is None:
         patch.layer_kinds = layer_kinds_for(model)
-    return [ChunkedLayer() if w is None else SlidingLayer(sliding_window=w) for w in patch.layer_kinds]
+    return [ChunkedLayer() if w is None else SlidingLayer(sliding_window=w, extra_tokens=sliding_extra_tokens)
+            for w in patch.layer_kinds]
 
 
 class AttentionStoreCache(Cache):
@@ -339,9 +402,12 @@ class AttentionStoreCache(Cache):
     * ``input_ids`` — the ids to hand to ``generate()``.
     """
 
-    def __init__(self, model, *, session_id: str | None = None):
+    def __init__(self, model, *, session_id: str | None = None, sliding_extra_tokens: int = 0):
         self._patch: ModelPatch = patch_model(model)
-        layers = _layers_for(self._patch, model)
+        extra = sliding_extra_tokens
+        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+            raise ValueError(f"sliding_extra_tokens must be an int >= 0, got {sliding_extra_tokens!r}")
+        layers = _layers_for(self._patch, model, extra)
         if layers:
             super().__init__(layers=layers)
         else:

@@ -25,8 +25,11 @@ DEMO_TURNS = [
     "Thanks. Can you summarise the plan we discussed in two sentences?",
 ]
 SYSTEM = "The following is a conversation between a curious user and a helpful, knowledgeable assistant.\n"
-COMMANDS = "/sessions  /reset  /stats  /quit"
+COMMANDS = "/undo  /sessions  /reset  /stats  /quit"
 DEMO_SESSION = "demo"  # the demo starts its session over: never the user's own (the default "chat")
+#: StoreConfig.sliding_extra_tokens of the chat: Gemma 3's sliding layers keep the tokens of the last exchange that
+#: left their window, so /undo (and the next message after it) restores the history instead of recomputing it
+UNDO_TOKENS = 512
 
 
 _STOPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -128,6 +131,26 @@ def turn(model, tok, store, session: str, history: list[int], user: str, max_new
     return reply, out[0].tolist(), info
 
 
+def undo(model, store, session: str, history: list[int]) -> dict:
+    """Make ``history`` (the conversation before the exchanges undone) the session's stored state: restored from
+    the record of the longer conversation where the sliding layers still hold their window (recomputed
+    otherwise) and saved. Like a turn's record it leaves the last token without K/V (the next turn prefills it),
+    so going back here once more needs the window a turn starting here kept. Returns what was restored."""
+    if not history:
+        store.drop(session)
+        return {"restored": 0, "prefilled": 0, "source": None}
+    cache = store.cache_for(model, session, torch.tensor([history]))
+    ids = cache.input_ids
+    # (a truncated history is remapped: its first forward must take every token not restored)
+    stop = ids.shape[1] if cache.truncated or ids.shape[1] < 2 else ids.shape[1] - 1
+    if cache.reused_tokens < stop:
+        with torch.no_grad():
+            model(input_ids=ids[:, cache.reused_tokens: stop], attention_mask=torch.ones_like(ids[:, :stop]),
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+    store.save(session, cache, ids).result()
+    return {"restored": cache.reused_tokens, "prefilled": stop - cache.reused_tokens, "source": cache.source}
+
+
 def _stats_line(info: dict) -> str:
     src = f" from {info['source']}" if info["source"] else ""
     trunc = f" | {info['truncated']} oldest tokens dropped" if info["truncated"] else ""
@@ -158,7 +181,8 @@ def _main(args) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # the store first: a disk directory that cannot be used is said before the model loads
-    store = AttentionStore(StoreConfig(dram_bytes=args.dram, disk_dir=args.disk_dir, namespace=args.namespace))
+    store = AttentionStore(StoreConfig(dram_bytes=args.dram, disk_dir=args.disk_dir, namespace=args.namespace,
+                                       sliding_extra_tokens=UNDO_TOKENS))
     try:
         model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.jsonl)
         stop_at_newline(tok)  # built now, not inside the first turn's time to first token
@@ -181,6 +205,7 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
         for line in last:
             print(f"  … {line}")
     print(f"Type a message. Commands: {COMMANDS}")
+    starts: list[int] = []  # the history's length before each exchange of this run (what /undo goes back to)
     while True:
         try:
             line = input("you> ").strip()
@@ -195,9 +220,21 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
         if line == "/help":
             print(f"Commands: {COMMANDS}")
             continue
+        if line == "/undo":
+            if not starts:
+                print("(nothing to undo: /undo goes back over the exchanges of this run, since the conversation "
+                      "was last truncated)")
+                continue
+            back = history[: starts.pop()]
+            got = undo(model, store, args.session, back)
+            src = f" from {got['source']}" if got["source"] else ""
+            print(f"(undid the last exchange, {len(history) - len(back)} tokens; the history before it: "
+                  f"{got['restored']} tokens restored{src}, {got['prefilled']} prefilled)")
+            history = back
+            continue
         if line == "/reset":
             store.drop(args.session)
-            history = []
+            history, starts = [], []
             print(f"(session {args.session!r} forgotten)")
             continue
         if line == "/stats":
@@ -214,7 +251,10 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
             continue
         print("assistant> ", end="", flush=True)
         try:
+            before = len(history)
             _, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens, echo=True)
+            # a truncated turn's history holds the kept tokens only: the lengths before it no longer apply
+            starts = [] if info["truncated"] else starts + [before]
         except KeyboardInterrupt:  # stop this reply, not the chat; go on from what the store holds
             print("\n(interrupted)")
             history = store.history(args.session) or []

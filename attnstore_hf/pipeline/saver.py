@@ -13,16 +13,16 @@ from .streams import side_stream
 def prompt_views(cache, raws, tokens: int) -> list:
     """Views of what each layer held for its first ``tokens`` positions, first batch row: after beam search the
     rows are the beams, identical up to where generation began. A sliding-window layer keeps only its last
-    ``window - 1`` tokens, which then include generated ones: ``ValueError`` if the window before ``tokens`` is no
-    longer held."""
+    ``window - 1`` tokens (and the ``extra_tokens`` before them), which then include generated ones: what it holds
+    before ``tokens`` is kept, ``ValueError`` if that is less than the window before ``tokens``."""
     out = []
     for (raw, values, start), layer in zip(raws, cache.layers):
         window = getattr(layer, "sliding_window", None)
-        lo = 0 if window is None else max(0, tokens - (window - 1))
-        if lo < start or start + raw.shape[-2] < tokens:
+        need = 0 if window is None else max(0, tokens - (window - 1))
+        if need < start or start + raw.shape[-2] < tokens:
             raise ValueError(f"the cache no longer holds the K/V of the first {tokens} tokens of every layer (a "
                              f"sliding-window layer keeps only its last {window and window - 1} tokens)")
-        out.append((raw[:1, :, lo - start: tokens - start], values[:1, :, lo - start: tokens - start], lo))
+        out.append((raw[:1, :, : tokens - start], values[:1, :, : tokens - start], start))
     return out
 
 

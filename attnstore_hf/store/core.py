@@ -436,7 +436,7 @@ class AttentionStore:
     def _lookup(self, model, session_id: str, input_ids, ahead: int | None = None) -> AttentionStoreCache:
         user_ids = _as_ids(input_ids)
         t0 = time.perf_counter()
-        cache = AttentionStoreCache(model, session_id=session_id)
+        cache = AttentionStoreCache(model, session_id=session_id, sliding_extra_tokens=self.config.sliding_extra_tokens)
         fingerprint = cache.fingerprint = cache._patch.fingerprint(model)
         cache._weights = cache._patch._weights_seen
         row = user_ids[0].cpu()  # ids the model cannot take: refused before anything is read or counted
