@@ -119,6 +119,13 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
         self._v = grow(self._v, self._len)
         self._rk = grow(self._rk, self._raw_len)
 
+    def _leave_inference(self) -> None:
+        """The buffers were made under ``torch.inference_mode()`` (``cache_for`` called there) and a forward outside
+        it writes them: torch refuses in-place writes to inference tensors there, so they become normal copies
+        (once; a restored cache's layer is complete by the time its forward writes it)."""
+        self._k, self._v, self._rk = self._k.clone(), self._v.clone(), self._rk.clone()
+        self._sync_views()
+
     def _sync_views(self) -> None:
         self._stale = False
         self.keys = self._k[:, :, : self._len]
@@ -129,6 +136,8 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
         self._reserve(self._len + n)
+        if self._k.is_inference() and not torch.is_inference_mode_enabled():
+            self._leave_inference()
         self._k[:, :, self._len : self._len + n] = key_states
         self._v[:, :, self._len : self._len + n] = value_states
         if raw_keys is not None and self._raw_len == self._len:

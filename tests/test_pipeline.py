@@ -677,6 +677,40 @@ def test_disk_record_streams_layer_by_layer_and_is_promoted_when_whole(family, s
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+@pytest.mark.parametrize("where", ["dram", "disk"])
+@pytest.mark.parametrize("restore_in,generate_in", [("inference_mode", "inference_mode"),
+                                                    ("inference_mode", "no_grad"), ("no_grad", "inference_mode")])
+def test_torch_inference_mode_anywhere_restores_exactly(family, store_factory, caplog, where, restore_in,
+                                                        generate_in):
+    """Found by trying what users write: under ``torch.inference_mode()`` every layer-wise restore failed on the
+    loader thread (inference mode is per thread, and the cache's buffers were inference tensors, which a thread
+    outside it may not write) and was recomputed with a warning; ``cache_for`` under it and generate() outside it
+    raised (the forward's in-place write into the cache)."""
+    ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+    model = tiny_model(family)
+    store = store_factory(restore_mode="load")
+    ids, stored = random_ids(50, 80), 0
+    for turn in range(3):
+        if where == "disk" and turn:  # a new store: the record streams from disk through the loader thread
+            store.close()
+            store = store_factory(restore_mode="load")
+        with caplog.at_level(logging.WARNING):
+            with ctx[restore_in]():
+                cache = store.cache_for(model, "s", ids)
+            with ctx[generate_in]():
+                ours = greedy(model, ids, cache)
+        assert cache.reused_tokens == stored and cache.recomputed_tokens == 0
+        assert cache.source == (None if turn == 0 else where)
+        ref = greedy(model, ids)
+        assert torch.equal(ours.sequences, ref.sequences)
+        assert max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits)) <= TOL
+        with ctx[restore_in]():
+            store.save("s", cache, ours.sequences).result()
+        stored = ours.sequences.shape[1] - 1
+        ids = torch.cat([ours.sequences, random_ids(5, 81 + turn)], dim=1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -126,18 +126,26 @@ class LayerLoader:
         return self._go.is_set()
 
     def _run_all(self) -> None:
+        # inference mode is per thread: the cache's buffers may be inference tensors (cache_for or stage() called
+        # under torch.inference_mode()), which a thread outside it may not write ("Inplace update to inference
+        # tensor outside InferenceMode": every restore failed and was recomputed). Inside it, writing the normal
+        # tensors of a cache made outside it is allowed too, and what the jobs make themselves is only read.
         try:
-            c0 = time.thread_time()
-            self._run(0, self._limit)
-            c1 = time.thread_time()
-            self._go.wait()
-            c2 = time.thread_time()
-            self._run(self._limit, self.n)
-            self.cpu_seconds = (c1 - c0) + (time.thread_time() - c2)
-            self._finish()
+            with torch.inference_mode():
+                self._run_all_jobs()
         finally:
             with _running_lock:
                 _running.discard(self)
+
+    def _run_all_jobs(self) -> None:
+        c0 = time.thread_time()
+        self._run(0, self._limit)
+        c1 = time.thread_time()
+        self._go.wait()
+        c2 = time.thread_time()
+        self._run(self._limit, self.n)
+        self.cpu_seconds = (c1 - c0) + (time.thread_time() - c2)
+        self._finish()
 
     @torch.no_grad()
     def _run(self, lo: int, hi: int) -> None:
