@@ -126,7 +126,7 @@ def test_redis_down_at_start_then_back(redis_server, tmp_path, caplog):
     redis_server.stop()
     with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
         store = AttentionStore(StoreConfig(disk_dir=tmp_path / "a", redis_url=redis_server.url))
-    assert "not reachable" in caplog.text
+    assert "not usable (ConnectionError" in caplog.text
     cache, out = _turn(model, store, random_ids(20, 0))  # local tiers work, correct answer
     assert store.stats()["redis_errors"] >= 1
     redis_server.start()
@@ -372,7 +372,7 @@ def test_credentials_stay_out_of_logs_and_a_dead_cluster_is_a_miss(tmp_path, cap
             c2, _ = _turn(model, store, torch.cat([out.sequences, random_ids(3, 1)], 1))
             assert c2.source == "dram"
             store.close()
-    assert "not reachable" in caplog.text and "S3cretPassw0rd" not in caplog.text
+    assert "not usable (" in caplog.text and "S3cretPassw0rd" not in caplog.text
 
 
 def _chunks(client):
@@ -536,3 +536,41 @@ def test_redis_gets_the_record_dram_got_last_when_two_threads_save_one_session(r
     in_dram = store.dram.peek(a.key)
     assert store.redis.head(a.key, a.fingerprint)["tokens"] == in_dram.num_tokens
     store.close()
+
+
+def test_a_password_protected_redis_says_why_and_serves_with_the_password(tmp_path, caplog):
+    """A missing or wrong password was logged as "not reachable" (the server was up): the warning now names the
+    refusal (AuthenticationError), never the password; each is a miss, exact; the right password shares records."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed: .ci/run must install it")
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    server.proc = subprocess.Popen(["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--requirepass", "sekret-pw"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        model = tiny_model("llama")
+        base = f"127.0.0.1:{server.port}/0"
+        for url in (f"redis://{base}", f"redis://:wrong-pw@{base}"):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="attnstore_hf"):
+                with AttentionStore(StoreConfig(disk_dir=None, redis_url=url)) as store:
+                    cache, out = _turn(model, store, random_ids(20, 0))
+                    assert cache.reused_tokens == 0
+            assert "not usable (AuthenticationError" in caplog.text, caplog.text
+            assert "wrong-pw" not in caplog.text
+        url = f"redis://:sekret-pw@{base}"
+        with AttentionStore(StoreConfig(disk_dir=None, redis_url=url)) as store:
+            _, out = _turn(model, store, random_ids(20, 0))
+        with AttentionStore(StoreConfig(disk_dir=None, redis_url=url)) as other:
+            c, _ = _turn(model, other, torch.cat([out.sequences, random_ids(3, 1)], 1))
+            assert c.source == "redis" and c.reused_tokens == out.sequences.shape[1] - 1
+    finally:
+        server.stop()

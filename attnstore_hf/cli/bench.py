@@ -557,8 +557,9 @@ def _main(args) -> int:
             from ..store.redis import RedisTier
 
             tier = RedisTier(args.redis_url)
-            if not tier.available():
-                raise ConfigError(f"--redis-url: Redis at {tier.shown_url} is not reachable")
+            why = tier.unavailable_reason()
+            if why is not None:
+                raise ConfigError(f"--redis-url: Redis at {tier.shown_url} is not reachable or refused ({why})")
         try:
             rows = bench_reuse(args)
         finally:

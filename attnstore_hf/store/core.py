@@ -178,9 +178,10 @@ class AttentionStore:
             self.redis = RedisTier(self.config.redis_url, namespace=self.namespace,
                                    chunk_bytes=self.config.redis_chunk_bytes, ttl_seconds=self.config.redis_ttl_seconds,
                                    timeout_s=self.config.redis_timeout_s)
-            if not self.redis.available():
-                log.warning("Redis at %s is not reachable; the shared tier is skipped until it is back",
-                            self.redis.shown_url)
+            why = self.redis.unavailable_reason()
+            if why is not None:  # (the reason tells a dead server from a refused password)
+                log.warning("Redis at %s is not usable (%s); the shared tier is skipped until it answers",
+                            self.redis.shown_url, why)
         self._pool = ThreadPoolExecutor(self.config.save_workers, thread_name_prefix="attnstore-write")
         self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="attnstore-save")  # one: saves commit in order
         self._save_slots = threading.BoundedSemaphore(self.config.save_queue)

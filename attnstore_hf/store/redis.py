@@ -117,10 +117,15 @@ class RedisTier:
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def available(self) -> bool:
+        return self.unavailable_reason() is None
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` if the server answers a PING, else why not (the exception, e.g. a refused connection or
+        ``AuthenticationError`` for a missing or wrong password; never the password itself)."""
         try:
-            return bool(self._call(lambda: self.client.ping()))
-        except RedisUnavailable:
-            return False
+            return None if self._call(lambda: self.client.ping()) else "PING was not answered"
+        except RedisUnavailable as exc:
+            return str(exc)
 
     # ---- interface ---------------------------------------------------------------------------------------
     def contains(self, key: str, fingerprint: str) -> bool:
