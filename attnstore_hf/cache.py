@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -799,6 +800,23 @@ class AttentionStoreCache(Cache):
     @property
     def layer_kinds(self) -> list[str]:
         return ["sliding" if isinstance(layer, SlidingLayer) else "full" for layer in self.layers]
+
+    def __deepcopy__(self, memo):
+        """A copy that goes its own way (``copy.deepcopy``, as transformers' own caches allow: to branch a
+        conversation, generate two replies from one history): its own K/V, the model and its capture hooks shared.
+        A layer-wise restore still running and a save still reading this cache are waited for first."""
+        self._settled()
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        fresh = {"_claim": threading.Lock(), "_loader": None, "_snapshots": [], "_tally": {}}
+        for name, value in self.__dict__.items():
+            if name in ("_patch", "_model"):
+                new.__dict__[name] = value
+            elif name in fresh:
+                new.__dict__[name] = fresh[name]
+            else:
+                new.__dict__[name] = copy.deepcopy(value, memo)
+        return new
 
     def __repr__(self):
         return (f"AttentionStoreCache(session_id={self.session_id!r}, seq_length={self.get_seq_length()}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ import attnstore_hf
 from attnstore_hf import (AttentionStore, AttentionStoreCache, ConfigError, StoreConfig, UnsupportedModelError,
                           parse_size, patch_model, unpatch_model)
 from attnstore_hf.cache import GROWTH_FACTOR, MIN_GROWTH, ChunkedLayer
-from conftest import VOCAB, compare, greedy, random_ids, saved_turn, tiny_model
+from conftest import VOCAB, compare, greedy, logit_diff, random_ids, saved_turn, tiny_model
 
 
 def test_public_names():
@@ -668,3 +669,32 @@ def test_a_save_refused_by_a_closing_store_does_not_hang_the_cache(store_factory
     t.start()
     t.join(10)
     assert not t.is_alive() and cache.get_seq_length() == out.sequences.shape[1] - 2
+
+
+@pytest.mark.parametrize("fam", ["llama", "gemma3"])
+def test_deepcopy_branches_a_conversation(fam, store_factory):
+    """``copy.deepcopy(cache)`` (transformers' caches allow it; ours raised ``TypeError: cannot pickle
+    '_thread._local'``): taken while the layer-wise restore still runs, it waits for it; the copy and the original
+    then go on with different messages, each exactly as a recompute, and are saved and resumed as two sessions."""
+    model = tiny_model(fam)
+    store = store_factory(restore_mode="load")
+    out, rec = saved_turn(model, store, random_ids(40, 1))
+    ids = torch.cat([out.sequences, random_ids(5, 2)], 1)
+    cache = store.cache_for(model, "s", ids)
+    branch = copy.deepcopy(cache)
+    assert branch.reused_tokens == cache.reused_tokens == rec.num_tokens and branch._model is model
+    first = [compare(model, c, ids).sequences for c in (branch, cache)]  # the copy first: the original must not
+    assert torch.equal(*first)                                           # see its tokens
+    seqs = {}
+    for session, c, seed in (("s-b", branch, 3), ("s", cache, 4)):
+        nxt = torch.cat([first[0], random_ids(6, seed)], 1)
+        got, ref = greedy(model, nxt, c), greedy(model, nxt)
+        assert torch.equal(got.sequences, ref.sequences) and logit_diff(got, ref) <= 1e-4
+        store.save(session, c, got.sequences).result()
+        seqs[session] = got.sequences
+    assert not torch.equal(seqs["s"][:, : seqs["s-b"].shape[1]], seqs["s-b"])
+    for session, seq in seqs.items():
+        nxt = torch.cat([seq, random_ids(3, 5)], 1)
+        c = store.cache_for(model, session, nxt)
+        assert c.reused_tokens == seq.shape[1] - 1
+        compare(model, c, nxt)
