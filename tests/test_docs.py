@@ -29,13 +29,16 @@ def run_block(code: str, cwd: Path) -> str:
 def test_quickstart_example_runs_and_persists(tmp_path):
     from attnstore_hf import AttentionStore, StoreConfig
 
-    (code,) = python_blocks("quickstart.md")
+    code, going_back = python_blocks("quickstart.md")
     run_block(code, tmp_path)
     with AttentionStore(StoreConfig(disk_dir=str(tmp_path / "kv"))) as store:  # a new process would see this
         (session,) = store.sessions()
         history = store.history("alice")
     assert session["session_id"] == "alice" and session["tier"] == "disk"
     assert history is not None and len(history) == session["tokens"] + 1 > 32  # prompt + 32 generated tokens
+    out = run_block(going_back, tmp_path)
+    restored, before = map(int, re.search(r"restored (\d+) tokens \((\d+) before the edited", out).groups())
+    assert restored >= before > 0, out  # (the edited message's first tokens match the stored one's too)
 
 
 def test_serving_howto_restores_every_second_turn_and_uses_staged_turns(tmp_path):
