@@ -31,9 +31,9 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = None
 
-    def start(self):
+    def start(self, *extra: str):
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                      "--appendonly", "no", "--dir", str(self.workdir), *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             try:
@@ -546,16 +546,8 @@ def test_a_password_protected_redis_says_why_and_serves_with_the_password(tmp_pa
             pytest.fail("redis-server is not installed: .ci/run must install it")
         pytest.skip("redis-server is not installed")
     server = RedisServer(tmp_path)
-    server.proc = subprocess.Popen(["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no", "--requirepass", "sekret-pw"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server.start("--requirepass", "sekret-pw")
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", server.port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         model = tiny_model("llama")
         base = f"127.0.0.1:{server.port}/0"
         for url in (f"redis://{base}", f"redis://:wrong-pw@{base}"):
