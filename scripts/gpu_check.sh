@@ -17,7 +17,7 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 step() { local limit=$1; shift; echo "== $(date +%T) $*"; timeout "$limit" "$@" 2>&1 | grep -v "overlap bench:"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-step 60 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/
+step 90 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/
 step 110 python3 scripts/overlap_profile.py --device cuda --model llama3-8b --histories 1024 2048 8192 \
   --repeats "$((REPEATS + 4))" --out "$OUT"
 # --fixed-groups: the layered turn also with the fixed restore groups (1, 1, 2, 4, 4, ...) instead of groups sized

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -709,6 +710,36 @@ def test_torch_inference_mode_anywhere_restores_exactly(family, store_factory, c
         stored = ours.sequences.shape[1] - 1
         ids = torch.cat([ours.sequences, random_ids(5, 81 + turn)], dim=1)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_inference_mode_branches_and_going_back_on_every_loader_path(device, family, threaded, store_factory):
+    """The ninth session's fixes on the restore paths of each device (CUDA: the side stream issued by cache_for,
+    or by the loader thread): a restore made under ``torch.inference_mode()`` and run outside it, a
+    ``copy.deepcopy`` taken mid-restore, and a turn going back over the last exchange (``sliding_extra_tokens``)
+    are restored, never recomputed, and exact."""
+    model = tiny_model(family).to(device)
+    store = store_factory(restore_mode="load", restore_thread=threaded, sliding_extra_tokens=16)
+    ids = random_ids(60, 90).to(device)
+    with torch.inference_mode():
+        cache = store.cache_for(model, "s", ids)
+        out = greedy(model, ids, cache)
+        store.save("s", cache, out.sequences)
+    ids2 = torch.cat([out.sequences, random_ids(6, 91).to(device)], dim=1)
+    with torch.inference_mode():
+        c2 = store.cache_for(model, "s", ids2)
+    branch = copy.deepcopy(c2)
+    ours = compare(model, c2, ids2)  # generate() outside inference mode
+    assert c2.reused_tokens == out.sequences.shape[1] - 1 and c2.recomputed_tokens == 0
+    assert torch.equal(compare(model, branch, ids2).sequences, ours.sequences)
+    store.save("s", c2, ours.sequences).result()
+    back = torch.cat([out.sequences, random_ids(3, 93).to(device)], dim=1)  # turn 2's message taken back
+    c3 = store.cache_for(model, "s", back)
+    assert c3.reused_tokens == out.sequences.shape[1] and c3.recomputed_tokens == 0
+    compare(model, c3, back)
 
 
 @pytest.mark.gpu
