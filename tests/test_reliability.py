@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +314,39 @@ def test_a_disk_write_asked_for_after_another_of_the_session_wins(tmp_path):
         assert store.disk.get(new.key).token_ids == new.token_ids
         assert store.stats()["disk_writes"] == 1
         assert len(store._disk_order) == 0  # no write queued: nothing kept of the session's write order
+
+
+NO_CLOSE = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, sys.argv[3])
+    from conftest import greedy, random_ids, tiny_model
+    from attnstore_hf import AttentionStore, StoreConfig
+    store = AttentionStore(StoreConfig(disk_dir=sys.argv[1], write_policy=sys.argv[2]))
+    model = tiny_model("llama")
+    ids = random_ids(200, 1)
+    cache = store.cache_for(model, "s", ids)
+    out = greedy(model, ids, cache)
+    store.save("s", cache, out.sequences)  # no result(), no close(): the script just ends
+    if len(sys.argv) > 4:  # fork while the save is under way: the child exits at once, the parent waits for it
+        if os.fork() == 0:
+            sys.exit(0)
+        os.wait()
+    print(out.sequences.shape[1])
+""")
+
+
+@pytest.mark.parametrize("policy,fork", [("write_through", False), ("write_back", False), ("write_back", True)])
+def test_a_script_that_ends_without_close_keeps_its_last_turn(policy, fork, tmp_path):
+    """Found by trying what users write: a script that saved and ended without ``store.close()`` lost the turn —
+    the commit's disk write was refused ("cannot schedule new futures after interpreter shutdown", logged as a
+    failed save) and write-back records were in DRAM only. Open stores are now closed as the interpreter exits,
+    before the worker pools stop taking work; a forked child leaves its parent's stores alone (closing its copies
+    waited forever for writer threads it does not have)."""
+    tests = str(Path(__file__).resolve().parent)
+    argv = [sys.executable, "-c", NO_CLOSE, str(tmp_path / "kv"), policy, tests] + (["fork"] if fork else [])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "saving failed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    with AttentionStore(StoreConfig(disk_dir=tmp_path / "kv")) as store:
+        history = store.history("s")
+    assert history is not None and len(history) == int(proc.stdout.strip())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -38,6 +41,26 @@ _COUNTERS = (
 
 SIZED_SESSIONS = 4096  # sessions whose latest record size the windows' mean record size is taken over
 TRIM_SESSIONS = 65536  # sessions held nowhere whose bookkeeping may pile up before it is trimmed
+
+#: stores not closed yet. A script that ends without close() lost its last turns: the saves still under way
+#: failed ("cannot schedule new futures after interpreter shutdown": the writer pools refuse work once the
+#: interpreter exits) and write-back records were in DRAM only. They are closed as the interpreter exits.
+_open_stores: "weakref.WeakSet[AttentionStore]" = weakref.WeakSet()
+
+
+def _close_open_stores() -> None:
+    for store in list(_open_stores):
+        try:
+            store.close()
+        except Exception as exc:  # (one store's failure does not keep the others from closing)
+            log.warning("closing an AttentionStore at exit failed (%s: %s)", type(exc).__name__, exc)
+
+
+# threading's exit hooks run before the interpreter's atexit ones, most recent first: this one runs before
+# concurrent.futures' (registered when it was imported, above), which makes every pool refuse new work
+getattr(threading, "_register_atexit", atexit.register)(_close_open_stores)
+# a forked child has none of the parent's worker threads: closing its copies would wait for work that never runs
+os.register_at_fork(after_in_child=_open_stores.clear)
 
 
 def _as_ids(input_ids) -> torch.Tensor:
@@ -222,6 +245,7 @@ class AttentionStore:
         self._closed = False
         self._closing = False  # close() has begun: nothing is promoted into DRAM any more
         self._close_lock = threading.Lock()
+        _open_stores.add(self)
 
     # ---- lookup / restore -------------------------------------------------------------------------------
     def _key(self, session_id: str) -> str:
@@ -1208,6 +1232,7 @@ class AttentionStore:
                     self._closed = True
                 raise
             self._closed = True
+            _open_stores.discard(self)
 
     def _shut_down(self) -> None:
         """close()'s steps; each may be run again after an interruption."""
