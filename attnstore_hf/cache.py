@@ -120,12 +120,14 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
         self._v = grow(self._v, self._len)
         self._rk = grow(self._rk, self._raw_len)
 
-    def _leave_inference(self) -> None:
-        """The buffers were made under ``torch.inference_mode()`` (``cache_for`` called there) and a forward outside
-        it writes them: torch refuses in-place writes to inference tensors there, so they become normal copies
-        (once; a restored cache's layer is complete by the time its forward writes it)."""
-        self._k, self._v, self._rk = self._k.clone(), self._v.clone(), self._rk.clone()
-        self._sync_views()
+    def _writable(self) -> None:
+        """Before an in-place write: buffers made under ``torch.inference_mode()`` (``cache_for`` called there),
+        written outside it by a forward (a turn, a recovery, a recomputed masked prefix), become normal copies —
+        torch refuses in-place writes to inference tensors there. Once; a restored cache's layer is complete by the
+        time its forward writes it."""
+        if self._k is not None and self._k.is_inference() and not torch.is_inference_mode_enabled():
+            self._k, self._v, self._rk = self._k.clone(), self._v.clone(), self._rk.clone()
+            self._sync_views()
 
     def _sync_views(self) -> None:
         self._stale = False
@@ -137,8 +139,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
         self._reserve(self._len + n)
-        if self._k.is_inference() and not torch.is_inference_mode_enabled():
-            self._leave_inference()
+        self._writable()
         self._k[:, :, self._len : self._len + n] = key_states
         self._v[:, :, self._len : self._len + n] = value_states
         if raw_keys is not None and self._raw_len == self._len:
@@ -153,6 +154,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
         self.lazy_initialization(keys, values)
         self._len = self._raw_len = 0
         self._reserve(keys.shape[-2])
+        self._writable()
         n = keys.shape[-2]
         self._k[:, :, :n] = keys
         self._v[:, :, :n] = values
@@ -188,6 +190,7 @@ class ChunkedLayer(_WaitsForRestore, DynamicLayer):
 
     def fill(self, keys, values, raw_keys) -> None:
         """Write the restored tokens into the buffers :meth:`prepare` sized."""
+        self._writable()
         n = keys.shape[-2]
         self._k[:, :, :n].copy_(keys, non_blocking=True)
         self._v[:, :, :n].copy_(values, non_blocking=True)

@@ -94,7 +94,11 @@ def test_layers_wait_for_their_own_kv_and_compute_overlaps_loading(store_factory
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_factory, monkeypatch, caplog, grouped):
+@pytest.mark.parametrize("restore_in", ["no_grad", "inference_mode"])
+def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_factory, monkeypatch, caplog, grouped,
+                                                               restore_in):
+    """(``restore_in``: ``cache_for`` under that mode, generate() outside it: the recovery writes the buffers made
+    under inference mode.)"""
     if grouped:  # as on an accelerator: the third rotation is the group [2 3]'s
         monkeypatch.setattr(cache_mod, "GROUP_DEVICES", ("cuda", "cpu"))
     model = tiny_model(family)
@@ -112,7 +116,8 @@ def test_a_layer_that_fails_mid_forward_is_recomputed_exactly(family, store_fact
 
     monkeypatch.setattr(cache_mod, "apply_rope_into", flaky)
     with caplog.at_level(logging.WARNING):
-        cache = store.cache_for(model, "s", ids)
+        with {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[restore_in]():
+            cache = store.cache_for(model, "s", ids)
         assert cache.reused_tokens == rec.num_tokens
         ours = compare(model, cache, ids)
     assert "recomputing" in caplog.text and cache.recomputed_tokens == rec.num_tokens
