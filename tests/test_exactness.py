@@ -135,12 +135,23 @@ def test_other_session_and_namespace_never_reuse(store_factory, tmp_path):
 
 
 @pytest.mark.parametrize("fam", ["llama", "gemma3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
 def test_restored_record_is_bit_identical_to_kept_dynamic_cache(fam, dtype, store_factory):
-    """transformers' own recipe (keep the DynamicCache in memory) vs a record restored from disk."""
+    """transformers' own recipe (keep the DynamicCache in memory) vs a record restored from disk. ``autocast``: a
+    float32 model under ``torch.autocast("cpu", torch.bfloat16)`` throughout, whose K/V come in bfloat16 (values,
+    pre-RoPE keys) and float32 (rotated keys): every save failed ("layer 0 does not match the record's codec and
+    dtype"), so nothing was ever restored."""
+    import contextlib
+
     from transformers import DynamicCache
 
-    model = tiny_model(fam, dtype=dtype)
+    autocast = dtype == "autocast"
+    model = tiny_model(fam, dtype=torch.float32 if autocast else dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        _kept_vs_restored(model, store_factory, DynamicCache)
+
+
+def _kept_vs_restored(model, store_factory, DynamicCache):
     store = store_factory()
     ids = random_ids(40, 3)
     kept = DynamicCache(config=model.config)
@@ -153,7 +164,7 @@ def test_restored_record_is_bit_identical_to_kept_dynamic_cache(fam, dtype, stor
     ids2 = torch.cat([first.sequences, random_ids(11, 4)], dim=1)
     cont = greedy(model, ids2, kept, new=4)
     restored = store_factory().cache_for(model, "s", ids2)
-    assert restored.source == "disk"
+    assert restored.source == "disk" and restored.reused_tokens == first.sequences.shape[1] - 1
     cont_ours = greedy(model, ids2, restored, new=4)
     for a, b in zip(cont.logits, cont_ours.logits):
         assert torch.equal(a, b), (a - b).abs().max()

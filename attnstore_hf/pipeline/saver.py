@@ -46,7 +46,11 @@ class Snapshot:
         if tokens is not None:
             self.raws = prompt_views(cache, self.raws, tokens)
         self.starts = [start for _, _, start in self.raws]
-        self.dtype = next((r.dtype for r, _, _ in self.raws if r.numel()), None)
+        # the record's dtype is the model's (what a lookup checks). Under torch.autocast the K/V come in other
+        # dtypes than the weights, and keys and values in different ones (a float32 model under bfloat16 autocast:
+        # values and pre-RoPE keys in bfloat16, a layer's buffers in float32): cast to it. Exact: pre-RoPE keys and
+        # values come out of the model's own projections, in its dtype or autocast's narrower one
+        self.dtype = next(cache._model.parameters()).dtype
         self._copied = threading.Event()
         self._event = None
         self.device = self.raws[0][0].device if self.raws and self.raws[0][0].numel() else torch.device("cpu")
@@ -78,7 +82,7 @@ class Snapshot:
                     with torch.cuda.stream(stream):
                         stream.wait_event(self._ready)
                         for raw, values, start in self.raws:
-                            parts = encode(raw, values, self.codec, start)
+                            parts = encode(raw.to(self.dtype), values.to(self.dtype), self.codec, start)
                             out.append({k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
                                 t, non_blocking=True) for k, t in parts.items()})
                             raw.record_stream(stream)  # not handed out again before the copy has read them
@@ -90,7 +94,7 @@ class Snapshot:
                     self._event.synchronize()
                     return out
                 for raw, values, start in self.raws:
-                    parts = encode(raw.detach(), values.detach(), self.codec, start)
+                    parts = encode(raw.detach().to(self.dtype), values.detach().to(self.dtype), self.codec, start)
                     out.append({k: t.to("cpu", copy=True) for k, t in parts.items()})
             return out
         finally:
