@@ -135,20 +135,22 @@ def test_other_session_and_namespace_never_reuse(store_factory, tmp_path):
 
 
 @pytest.mark.parametrize("fam", ["llama", "gemma3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast", "autocast+bf16 codec"])
 def test_restored_record_is_bit_identical_to_kept_dynamic_cache(fam, dtype, store_factory):
     """transformers' own recipe (keep the DynamicCache in memory) vs a record restored from disk. ``autocast``: a
     float32 model under ``torch.autocast("cpu", torch.bfloat16)`` throughout, whose K/V come in bfloat16 (values,
     pre-RoPE keys) and float32 (rotated keys): every save failed ("layer 0 does not match the record's codec and
-    dtype"), so nothing was ever restored."""
+    dtype"), so nothing was ever restored. Its records are float32 (the model's); the ``bf16`` codec halves them and
+    is still exact there (its K/V are bfloat16 values)."""
     import contextlib
 
     from transformers import DynamicCache
 
-    autocast = dtype == "autocast"
+    autocast = isinstance(dtype, str)
     model = tiny_model(fam, dtype=torch.float32 if autocast else dtype)
+    codec = "bf16" if dtype == "autocast+bf16 codec" else "none"
     with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-        _kept_vs_restored(model, store_factory, DynamicCache)
+        _kept_vs_restored(model, lambda: store_factory(codec=codec), DynamicCache)
 
 
 def _kept_vs_restored(model, store_factory, DynamicCache):
