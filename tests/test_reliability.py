@@ -327,26 +327,40 @@ NO_CLOSE = textwrap.dedent("""
     cache = store.cache_for(model, "s", ids)
     out = greedy(model, ids, cache)
     store.save("s", cache, out.sequences)  # no result(), no close(): the script just ends
-    if len(sys.argv) > 4:  # fork while the save is under way: the child exits at once, the parent waits for it
+    if sys.argv[4] == "fork":  # fork while the save is under way: the child exits at once, the parent waits
         if os.fork() == 0:
             sys.exit(0)
         os.wait()
-    print(out.sequences.shape[1])
+    if sys.argv[4] == "thread":  # a thread that outlives the main one still uses the store
+        import threading, time
+
+        def late():
+            time.sleep(1.0)
+            later = torch.cat([out.sequences, random_ids(3, 2)], 1)
+            print("late", store.cache_for(model, "s", later).reused_tokens, flush=True)
+
+        threading.Thread(target=late).start()
+    print(out.sequences.shape[1], flush=True)
 """)
 
 
-@pytest.mark.parametrize("policy,fork", [("write_through", False), ("write_back", False), ("write_back", True)])
-def test_a_script_that_ends_without_close_keeps_its_last_turn(policy, fork, tmp_path):
+@pytest.mark.parametrize("policy,then", [("write_through", "end"), ("write_back", "end"), ("write_back", "fork"),
+                                         ("write_back", "thread")])
+def test_a_script_that_ends_without_close_keeps_its_last_turn(policy, then, tmp_path):
     """Found by trying what users write: a script that saved and ended without ``store.close()`` lost the turn —
     the commit's disk write was refused ("cannot schedule new futures after interpreter shutdown", logged as a
-    failed save) and write-back records were in DRAM only. Open stores are now closed as the interpreter exits,
-    before the worker pools stop taking work; a forked child leaves its parent's stores alone (closing its copies
-    waited forever for writer threads it does not have)."""
+    failed save) and write-back records were in DRAM only. As the interpreter exits, before the worker pools stop
+    taking work, open stores finish their saves and write DRAM to disk; they stay open, so a thread that outlives
+    the main one still uses them; a forked child leaves its parent's stores alone (persisting its copies waited
+    forever for writer threads it does not have)."""
     tests = str(Path(__file__).resolve().parent)
-    argv = [sys.executable, "-c", NO_CLOSE, str(tmp_path / "kv"), policy, tests] + (["fork"] if fork else [])
+    argv = [sys.executable, "-c", NO_CLOSE, str(tmp_path / "kv"), policy, tests, then]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "saving failed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     with AttentionStore(StoreConfig(disk_dir=tmp_path / "kv")) as store:
         history = store.history("s")
-    assert history is not None and len(history) == int(proc.stdout.strip())
+    lines = proc.stdout.split()
+    assert history is not None and len(history) == int(lines[0])
+    if then == "thread":
+        assert lines[1:] == ["late", str(len(history) - 1)]  # restored from the open store, after main ended

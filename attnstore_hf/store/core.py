@@ -44,21 +44,22 @@ TRIM_SESSIONS = 65536  # sessions held nowhere whose bookkeeping may pile up bef
 
 #: stores not closed yet. A script that ends without close() lost its last turns: the saves still under way
 #: failed ("cannot schedule new futures after interpreter shutdown": the writer pools refuse work once the
-#: interpreter exits) and write-back records were in DRAM only. They are closed as the interpreter exits.
+#: interpreter exits) and write-back records were in DRAM only. Their saves are finished and their DRAM written
+#: to disk as the interpreter exits (:meth:`AttentionStore._at_exit`).
 _open_stores: "weakref.WeakSet[AttentionStore]" = weakref.WeakSet()
 
 
-def _close_open_stores() -> None:
+def _persist_open_stores() -> None:
     for store in list(_open_stores):
         try:
-            store.close()
-        except Exception as exc:  # (one store's failure does not keep the others from closing)
-            log.warning("closing an AttentionStore at exit failed (%s: %s)", type(exc).__name__, exc)
+            store._at_exit()
+        except Exception as exc:  # (one store's failure does not keep the others from persisting)
+            log.warning("persisting an AttentionStore at exit failed (%s: %s)", type(exc).__name__, exc)
 
 
 # threading's exit hooks run before the interpreter's atexit ones, most recent first: this one runs before
 # concurrent.futures' (registered when it was imported, above), which makes every pool refuse new work
-getattr(threading, "_register_atexit", atexit.register)(_close_open_stores)
+getattr(threading, "_register_atexit", atexit.register)(_persist_open_stores)
 # a forked child has none of the parent's worker threads: closing its copies would wait for work that never runs
 os.register_at_fork(after_in_child=_open_stores.clear)
 
@@ -1243,12 +1244,26 @@ class AttentionStore:
         self._prefetch_pool.shutdown(wait=True)
         self.flush()
         self._save_pool.shutdown(wait=True)
+        self._persist_dram()
+        self._pool.shutdown(wait=True)
+
+    def _persist_dram(self) -> None:
+        """Write to disk, on this thread, every DRAM record the disk does not hold yet (write-back: every one)."""
         if self.disk is not None:
             for key in self.dram.keys():
                 rec = self.dram.peek(key)
                 if rec is not None and (self.config.write_policy == "write_back" or not self.disk.contains(key)):
                     self._write_disk(rec)
-        self._pool.shutdown(wait=True)
+
+    def _at_exit(self) -> None:
+        """The interpreter is exiting with this store open (no close()): the saves under way are finished and DRAM
+        written to disk, before the worker pools stop taking work. The store is not closed: threads that outlive
+        the main thread may still use it (what they save from then on is refused, as the pools have stopped)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self.flush()
+            self._persist_dram()
 
     def __enter__(self) -> "AttentionStore":
         return self
