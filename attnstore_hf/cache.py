@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import threading
 import time
 import weakref
@@ -418,9 +419,9 @@ class AttentionStoreCache(Cache):
     def __init__(self, model, *, session_id: str | None = None, sliding_extra_tokens: int = 0):
         self._patch: ModelPatch = patch_model(model)
         extra = sliding_extra_tokens
-        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        if isinstance(extra, bool) or not isinstance(extra, numbers.Integral) or extra < 0:
             raise ValueError(f"sliding_extra_tokens must be an int >= 0, got {sliding_extra_tokens!r}")
-        layers = _layers_for(self._patch, model, extra)
+        layers = _layers_for(self._patch, model, int(extra))
         if layers:
             super().__init__(layers=layers)
         else:

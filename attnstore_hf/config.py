@@ -221,6 +221,7 @@ class StoreConfig:
                               f"{self.restore_mode!r}")
         if self.sliding_extra_tokens < 0:
             raise ConfigError(f"sliding_extra_tokens must be >= 0, got {self.sliding_extra_tokens}")
+        self.sliding_extra_tokens = int(self.sliding_extra_tokens)  # (a numpy integer passes the check above)
         if self.stage_sessions < 0:
             raise ConfigError(f"stage_sessions must be >= 0, got {self.stage_sessions}")
         if self.stage_layers is not None and self.stage_layers < 0:

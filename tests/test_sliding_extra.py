@@ -159,3 +159,12 @@ def test_undo_twice_over_turns_that_started_at_the_same_place(store_factory):
     cache = store.cache_for(model, "s", ids)
     ours, ref = greedy(model, ids, cache), greedy(model, ids)
     assert cache.reused_tokens == len(h1) - 1 and logit_diff(ours, ref) <= TOL
+
+
+def test_a_numpy_integer_is_taken():
+    """(``StoreConfig`` took a numpy integer, then every ``cache_for`` refused it: found by a review.)"""
+    np = pytest.importorskip("numpy")
+    cfg = StoreConfig(sliding_extra_tokens=np.int64(16))
+    assert type(cfg.sliding_extra_tokens) is int and cfg.sliding_extra_tokens == 16
+    cache = AttentionStoreCache(tiny_model("gemma3"), sliding_extra_tokens=np.int64(4))
+    assert {layer.extra_tokens for layer in cache.layers if isinstance(layer, SlidingLayer)} == {4}

@@ -147,6 +147,25 @@ def _unstorable(cache: AttentionStoreCache) -> str | None:
         return "it ran with an attention mask that hides tokens (padding), and its K/V depend on that mask"
     if cache._weights is not None and cache._patch._weights_stamp(cache._model) != cache._weights:
         return "the model's weights changed since cache_for (its K/V may be of the old ones)"
+    return _off_dtype(cache)
+
+
+def _off_dtype(cache: AttentionStoreCache) -> str | None:
+    """Records are stored in the model's dtype and restored with keys rotated in it. Under ``torch.autocast`` to
+    a narrower type (a float32 model under bfloat16 autocast) that is exact; autocast to the *other* 16-bit type
+    (a bfloat16 model under float16 autocast, or the reverse) computes K/V that the model's dtype cannot hold or
+    rotates keys in another dtype than a restore would: such a turn is not stored (a restore would not give the
+    same answer)."""
+    model_dtype = next(cache._model.parameters()).dtype
+    for layer in cache.layers:
+        keys = layer.__dict__.get("_keys_")
+        values = layer.__dict__.get("_values_")
+        if keys is None or values is None or not keys.numel():
+            continue
+        if keys.dtype != model_dtype or torch.promote_types(values.dtype, model_dtype) != model_dtype:
+            return (f"its K/V were computed in {keys.dtype} / {values.dtype} while the model's weights are "
+                    f"{model_dtype} (autocast to another 16-bit type?): a restore would not give the same answer")
+        return None
     return None
 
 
@@ -808,7 +827,10 @@ class AttentionStore:
             self._save_slots.release()
             snap.abandon()  # never copied: the cache must not wait for it before changing
             if isinstance(exc, RuntimeError):  # close() on another thread shut the pool down after the check above
-                raise AttnStoreError("this AttentionStore was closed during the save; nothing was stored") from exc
+                if self._closing:
+                    raise AttnStoreError("this AttentionStore was closed during the save; nothing was stored") from exc
+                raise AttnStoreError("the interpreter is exiting: its worker pools take no more work, so this turn "
+                                     "was not stored (a thread that outlives the main one cannot save)") from exc
             raise
         with self._lock:
             self._pending.add(fut)
@@ -1262,7 +1284,9 @@ class AttentionStore:
         with self._close_lock:
             if self._closed:
                 return
-            self.flush()
+            with self._lock:  # the saves and writes under way now (threads still saving would hold the exit up)
+                pending = list(self._pending)
+            wait(pending)
             self._persist_dram()
 
     def __enter__(self) -> "AttentionStore":
