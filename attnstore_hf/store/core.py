@@ -60,7 +60,7 @@ def _persist_open_stores() -> None:
 # threading's exit hooks run before the interpreter's atexit ones, most recent first: this one runs before
 # concurrent.futures' (registered when it was imported, above), which makes every pool refuse new work
 getattr(threading, "_register_atexit", atexit.register)(_persist_open_stores)
-# a forked child has none of the parent's worker threads: closing its copies would wait for work that never runs
+# a forked child has none of the parent's worker threads: persisting its copies would wait for work that never runs
 os.register_at_fork(after_in_child=_open_stores.clear)
 
 
