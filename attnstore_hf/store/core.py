@@ -49,7 +49,11 @@ TRIM_SESSIONS = 65536  # sessions held nowhere whose bookkeeping may pile up bef
 _open_stores: "weakref.WeakSet[AttentionStore]" = weakref.WeakSet()
 
 
+_exiting = threading.Event()  # set as the interpreter exits (the worker pools then stop taking work)
+
+
 def _persist_open_stores() -> None:
+    _exiting.set()
     for store in list(_open_stores):
         try:
             store._at_exit()
@@ -827,10 +831,10 @@ class AttentionStore:
             self._save_slots.release()
             snap.abandon()  # never copied: the cache must not wait for it before changing
             if isinstance(exc, RuntimeError):  # close() on another thread shut the pool down after the check above
-                if self._closing:
-                    raise AttnStoreError("this AttentionStore was closed during the save; nothing was stored") from exc
-                raise AttnStoreError("the interpreter is exiting: its worker pools take no more work, so this turn "
-                                     "was not stored (a thread that outlives the main one cannot save)") from exc
+                if _exiting.is_set() and not self._closing:
+                    raise AttnStoreError("the interpreter is exiting: its worker pools take no more work, so this "
+                                         "turn was not stored (a thread that outlives the main one cannot save)") from exc
+                raise AttnStoreError("this AttentionStore was closed during the save; nothing was stored") from exc
             raise
         with self._lock:
             self._pending.add(fut)
