@@ -63,3 +63,29 @@ def test_undo_command_in_the_interactive_chat(tmp_path):
     assert all("restored from dram, 0 prefilled)" in x for x in undone[:2]), undone
     with AttentionStore(StoreConfig(disk_dir=tmp_path / "kv")) as store:
         assert store.history("trip") is None  # every exchange undone: nothing stored
+
+
+def test_undo_goes_back_over_the_exchanges_of_an_earlier_run(tmp_path):
+    """Where each exchange began is kept beside the records (``chat-turns/``), so a chat started again undoes the
+    exchanges of the run before it, restoring from disk; a file that no longer describes the stored history (the
+    session changed elsewhere) is not trusted."""
+    chat = [sys.executable, str(ROOT / "scripts" / "chat.py"), "--disk-dir", str(tmp_path / "kv"),
+            "--max-new-tokens", "6", "--session", "trip"]
+    r = subprocess.run(chat, input="\n".join([LONG, "Which tram did we take?", "/quit"]) + "\n",
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with AttentionStore(StoreConfig(disk_dir=tmp_path / "kv")) as store:
+        full = store.history("trip")
+        assert store.stats()["rejected_records"] == 0 and [s["session_id"] for s in store.sessions()] == ["trip"]
+    r = subprocess.run(chat, input="/undo\n/quit\n", capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (line,) = [x for x in r.stdout.splitlines() if "undid the last exchange" in x]
+    assert "restored from disk, 0 prefilled)" in line, line
+    with AttentionStore(StoreConfig(disk_dir=tmp_path / "kv")) as store:
+        first = store.history("trip")
+    assert len(first) < len(full) and full[: len(first)] == first
+    # the session changed behind the chat's back (the file's hash no longer matches): nothing to undo from it
+    (turns,) = (tmp_path / "kv" / "chat-turns").iterdir()
+    turns.write_text(turns.read_text().replace('"digest": "', '"digest": "0'))
+    r = subprocess.run(chat, input="/undo\n/quit\n", capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "nothing to undo" in r.stdout, r.stdout[-2000:]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -16,6 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..config import StoreConfig, default_disk_dir
 from ..models import DEFAULT_MODEL, load_model
+from ..record import session_key
 from ..store import AttentionStore
 from .common import positive_int, readable_file, run_main, session_id, size
 
@@ -151,6 +154,49 @@ def undo(model, store, session: str, history: list[int]) -> dict:
     return {"restored": cache.reused_tokens, "prefilled": stop - cache.reused_tokens, "source": cache.source}
 
 
+class _Turns:
+    """Where a session's exchanges began (lengths of its history), kept beside the store's records so that /undo
+    also goes back over the exchanges of earlier runs: ``<disk_dir>/chat-turns/<session key>.json``. Trusted only
+    while it describes the history the store holds (a hash of its ids); a file that cannot be read or written is
+    no undo across runs, nothing worse."""
+
+    def __init__(self, store, session: str):
+        self.path = (None if store.disk is None
+                     else store.disk.dir / "chat-turns" / f"{session_key(store.namespace, session)}.json")
+
+    @staticmethod
+    def _digest(history: list[int]) -> str:
+        return hashlib.sha256(json.dumps(history).encode()).hexdigest()
+
+    def load(self, history: list[int]) -> list[int]:
+        try:
+            data = json.loads(self.path.read_text())
+            starts = data["starts"]
+            ok = data["digest"] == self._digest(history) and isinstance(starts, list) and starts == sorted(starts)
+            ok = ok and all(isinstance(x, int) and 0 <= x < len(history) for x in starts)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return []
+        return starts if ok else []
+
+    def save(self, history: list[int], starts: list[int]) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"digest": self._digest(history), "starts": starts}))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def clear(self) -> None:
+        if self.path is not None:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
 def _stats_line(info: dict) -> str:
     src = f" from {info['source']}" if info["source"] else ""
     trunc = f" | {info['truncated']} oldest tokens dropped" if info["truncated"] else ""
@@ -205,7 +251,8 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
         for line in last:
             print(f"  … {line}")
     print(f"Type a message. Commands: {COMMANDS}")
-    starts: list[int] = []  # the history's length before each exchange of this run (what /undo goes back to)
+    turns = _Turns(store, args.session)
+    starts = turns.load(history)  # the history's length before each exchange (what /undo goes back to)
     while True:
         try:
             line = input("you> ").strip()
@@ -222,8 +269,8 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
             continue
         if line == "/undo":
             if not starts:
-                print("(nothing to undo: /undo goes back over the exchanges of this run, since the conversation "
-                      "was last truncated)")
+                print("(nothing to undo: /undo goes back over the exchanges made in this chat since the "
+                      "conversation was last truncated)")
                 continue
             back = history[: starts.pop()]
             got = undo(model, store, args.session, back)
@@ -231,10 +278,12 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
             print(f"(undid the last exchange, {len(history) - len(back)} tokens; the history before it: "
                   f"{got['restored']} tokens restored{src}, {got['prefilled']} prefilled)")
             history = back
+            turns.save(history, starts)
             continue
         if line == "/reset":
             store.drop(args.session)
             history, starts = [], []
+            turns.clear()
             print(f"(session {args.session!r} forgotten)")
             continue
         if line == "/stats":
@@ -255,6 +304,7 @@ def run_interactive(model, tok, store, args, history: list[int]) -> int:
             _, history, info = turn(model, tok, store, args.session, history, line, args.max_new_tokens, echo=True)
             # a truncated turn's history holds the kept tokens only: the lengths before it no longer apply
             starts = [] if info["truncated"] else starts + [before]
+            turns.save(history, starts)
         except KeyboardInterrupt:  # stop this reply, not the chat; go on from what the store holds
             print("\n(interrupted)")
             history = store.history(args.session) or []
