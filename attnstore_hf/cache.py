@@ -258,7 +258,6 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
         self._raw_ok = True
         self.extra_tokens = int(extra_tokens)
         self._fallen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pre-RoPE keys, values), oldest first
-        self._fallen_len = 0
 
     def update(self, key_states, value_states, *args, raw_keys=None, **kwargs):
         keep = self.extra_tokens > 0 and raw_keys is not None and self._raw_ok
@@ -291,9 +290,13 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
             values = torch.cat([prev_values[:, :, lo:], value_states[:, :, : f - held_before]], dim=-2)
         # copies: a view would keep the whole tensor it was cut from alive, one per decode step
         self._fallen.append((every_raw[:, :, lo:f].clone(), values.clone()))
-        self._fallen_len += f - lo
         if self._fallen_len > 2 * self.extra_tokens or len(self._fallen) > FALLEN_CHUNKS:
             self._compact_fallen()
+
+    @property
+    def _fallen_len(self) -> int:
+        """Tokens kept aside (at most :data:`FALLEN_CHUNKS` chunks to count)."""
+        return sum(raw.shape[-2] for raw, _ in self._fallen)
 
     def _compact_fallen(self) -> None:
         """One chunk of the last :attr:`extra_tokens` kept tokens (amortised: a copy per many decode steps)."""
@@ -305,11 +308,11 @@ class SlidingLayer(_WaitsForRestore, DynamicSlidingWindowLayer):
             raw, values = (torch.cat([c[i] for c in chunks], dim=-2) for i in (0, 1))
             if n > extra:  # (a copy, not a view holding the longer tensor)
                 raw, values = raw[:, :, -extra:].clone(), values[:, :, -extra:].clone()
-            chunks, n = [(raw, values)], raw.shape[-2]
-        self._fallen, self._fallen_len = chunks, n
+            chunks = [(raw, values)]
+        self._fallen = chunks
 
     def _drop_fallen(self) -> None:
-        self._fallen, self._fallen_len = [], 0
+        self._fallen = []
 
     def _align(self, raw: torch.Tensor, raw_end: int) -> torch.Tensor:
         """Slice ``raw`` (ending at absolute position ``raw_end``) to the positions ``self.keys`` covers."""

@@ -6,6 +6,7 @@ import threading
 
 import torch
 
+from ..cache import _device_dtype
 from ..codec import encode
 from .streams import side_stream
 
@@ -50,7 +51,7 @@ class Snapshot:
         # dtypes than the weights, and keys and values in different ones (a float32 model under bfloat16 autocast:
         # values and pre-RoPE keys in bfloat16, a layer's buffers in float32): cast to it. Exact: pre-RoPE keys and
         # values come out of the model's own projections, in its dtype or autocast's narrower one
-        self.dtype = next(cache._model.parameters()).dtype
+        self.dtype = _device_dtype(cache._model)[1]
         self._copied = threading.Event()
         self._event = None
         self.device = self.raws[0][0].device if self.raws and self.raws[0][0].numel() else torch.device("cpu")

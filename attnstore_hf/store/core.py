@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from ..cache import AttentionStoreCache, SlidingLayer, restore, reusable_length
+from ..cache import AttentionStoreCache, SlidingLayer, _device_dtype, restore, reusable_length
 from ..config import StoreConfig
 from ..errors import AttnStoreError, RecordError
 from ..pipeline.cost import CostModel
@@ -160,7 +160,7 @@ def _off_dtype(cache: AttentionStoreCache) -> str | None:
     (a bfloat16 model under float16 autocast, or the reverse) computes K/V that the model's dtype cannot hold or
     rotates keys in another dtype than a restore would: such a turn is not stored (a restore would not give the
     same answer)."""
-    model_dtype = next(cache._model.parameters()).dtype
+    model_dtype = _device_dtype(cache._model)[1]
     for layer in cache.layers:
         keys = layer.__dict__.get("_keys_")
         values = layer.__dict__.get("_values_")
@@ -781,7 +781,7 @@ class AttentionStore:
     def _build_record(self, head: dict, snap: Snapshot) -> SessionRecord:
         layers = [LayerKV(kind, start, p["k"], p["v"], p.get("ks"), p.get("vs"))
                   for kind, start, p in zip(head["kinds"], snap.starts, snap.host_parts())]
-        dtype = dtype_name(snap.dtype) if snap.dtype is not None else "float32"
+        dtype = dtype_name(snap.dtype)
         return SessionRecord(self.namespace, head["session_id"], head["fingerprint"], dtype, head["token_ids"],
                              layers, meta=head["meta"], codec=self.config.codec)
 

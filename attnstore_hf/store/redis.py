@@ -116,9 +116,6 @@ class RedisTier:
                 self._down_until = time.monotonic() + self.retry_s
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    def available(self) -> bool:
-        return self.unavailable_reason() is None
-
     def unavailable_reason(self) -> str | None:
         """``None`` if the server answers a PING, else why not (the exception, e.g. a refused connection or
         ``AuthenticationError`` for a missing or wrong password; never the password itself)."""
